@@ -1,0 +1,284 @@
+"""LIDIA configuration: every number of the paper in one place.
+
+Usage (big_vision style config strings):
+
+  --config=configs/lidia.py                 the paper's setting (section 3)
+  --config=configs/lidia.py:smoke           tiny, for tests (seconds per step on a CPU)
+  --config=configs/lidia.py:demo            synthetic cohort, ~30 min on a 2-core CPU
+  --config=configs/lidia.py:demo,fusion=convlstm
+  --config.data.root=/path/to/DATASET       any field, on the command line
+
+Overrides accepted in the config string (comma separated, `key=value`):
+  fusion=ifm|early|hemis|convlstm   head=mask2former|per_voxel
+  cls_loss=focal|ce                 contrastive=acl|supcon|none
+  patient_score=livermax|volume|query_max
+  sam=0|1                           delayed=0|1 (drop the delayed phase everywhere)
+
+Axis conventions: spatial tuples are (z, y, x) == (D, H, W); images are NDHWC.
+"""
+
+import ml_collections
+
+# Label codes of the data contract (shared/spec/dataset_format.md).
+LABELS = ("background", "liver", "HCC", "ICC", "meta", "heman", "FNH", "cyst",
+          "calc", "others")
+LESIONS = LABELS[2:]
+PHASES = ("NC", "A", "V", "D")
+MALIGNANT = ("HCC", "ICC", "meta")
+BENIGN = ("heman", "FNH", "cyst", "calc")
+
+
+def _paper():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  c.data.root = ""  # "" -> synthetic cohort generated into WORKDIR/synthetic
+  c.data.cache_dir = ""  # "" -> WORKDIR/preprocessed (or DATASET/preprocessed)
+  c.data.labels = LABELS
+  c.data.phases = PHASES
+  c.data.malignant = MALIGNANT
+  c.data.benign = BENIGN
+  c.data.allow_missing_phases = False  # NC and A required unless True
+  c.data.drop_delayed = False  # ablation: remove D from every case
+  c.data.val_fraction = 0.15  # of imagesTr, deterministic by case name hash
+  c.data.max_instances = 16  # targets per patch: 1 liver + up to 15 lesions
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.cases = 100
+  c.data.synthetic.test_fraction = 0.25
+  c.data.synthetic.seed = 0
+  c.data.synthetic.size = "full"  # full | demo | smoke (volume and voxel size)
+
+  # ------------------------------------------------------- preprocessing
+  c.preprocess = ml_collections.ConfigDict()
+  c.preprocess.target_spacing = (3.0, 0.8, 0.8)  # mm, (z, y, x)
+  c.preprocess.image_order = 3  # 1 linear, 3 cubic (nnU-Net uses 3 for images)
+  c.preprocess.clip_percentiles = (0.5, 99.5)
+  c.preprocess.crop_to_body = True
+  c.preprocess.body_threshold_hu = -500.0
+  c.preprocess.num_workers = 2
+
+  # -------------------------------------------------------------- input
+  c.input = ml_collections.ConfigDict()
+  c.input.patch_size = (48, 192, 192)
+  c.input.batch_size = 2  # global batch, paper section 3
+  c.input.fg_prob = 0.33  # per-sample foreground oversampling (PLAN/nnU-Net)
+  c.input.num_workers = 2  # grain worker processes (0: in-process)
+  c.input.prefetch = 2
+  c.input.aug = ml_collections.ConfigDict()
+  c.input.aug.enabled = True
+  c.input.aug.rotation_deg = 15.0  # around z only: CT is acquired axially
+  c.input.aug.scale = (0.85, 1.25)
+  c.input.aug.flip_axes = ()  # no left-right flip: liver is on the right
+  c.input.aug.intensity_scale = 0.1  # multiplicative, z-scored units
+  c.input.aug.intensity_shift = 0.1
+  c.input.aug.noise_std = 0.05
+  c.input.aug.gamma = (0.7, 1.5)
+  c.input.aug.phase_drop_prob = 0.0  # random dropping of D/NC/A (HeMIS-style)
+  c.input.aug.misregistration_vox = 1  # random per-phase shift, voxels
+
+  # -------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.fusion = "ifm"  # ifm | early | hemis | convlstm
+  c.model.head = "mask2former"  # mask2former | per_voxel
+  c.model.fusion_features = 32  # channels C of h^p (Eq. 1)
+  c.model.base_features = 32
+  c.model.max_features = 320
+  # nnU-Net plan: per stage, kernel and stride per axis (z, y, x).
+  c.model.kernel_sizes = ((1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3),
+                          (3, 3, 3))
+  c.model.strides = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2),
+                     (1, 2, 2))
+  c.model.num_queries = 50
+  c.model.hidden_dim = 64
+  c.model.mask_dim = 64
+  c.model.num_heads = 8
+  c.model.ffn_dim = 512
+  c.model.dec_layers = 3
+  c.model.num_scales = 3
+  c.model.mask_stride_stage = 1  # mask_features at the resolution of stage 1
+  c.model.acl_dim = 64
+  c.model.num_classes = len(LABELS) - 1  # liver + 8 lesions (+ no-object)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  c.model.remat = False  # rematerialise encoder stages
+  c.model.conv_impl = "auto"  # auto | xla | matmul (see model/conv.py)
+
+  # --------------------------------------------------------- objective
+  c.loss = ml_collections.ConfigDict()
+  c.loss.seg_weight = 5.0  # lambda_1, Eq. 6
+  c.loss.cls_weight = 5.0  # lambda_2, Eq. 6
+  c.loss.acl_weight = 0.01  # lambda_3, Eq. 6
+  c.loss.cls_loss = "focal"  # focal | ce
+  c.loss.focal_gamma = 2.0
+  c.loss.no_object_weight = 0.1
+  c.loss.dice_weight = 1.0  # L_seg = CE + Dice
+  c.loss.ce_weight = 1.0
+  c.loss.num_points = 12544  # PLAN
+  c.loss.oversample_ratio = 3.0
+  c.loss.importance_ratio = 0.75
+  c.loss.fg_point_ratio = 0.5  # foreground-enhanced sampling share
+  c.loss.match_class = 2.0  # Mask2Former matcher
+  c.loss.match_mask = 5.0
+  c.loss.match_dice = 5.0
+  c.loss.contrastive = "acl"  # acl | supcon | none
+  c.loss.temperature = 0.1
+  c.loss.memory_size = 1024
+  c.loss.others_class = len(LESIONS)  # class index of "others" (0 is liver)
+  c.loss.deep_supervision = True
+  # per-voxel head (nnU-Net): Dice + CE with deep supervision weights 1/2^i
+  c.loss.ds_weights_decay = 0.5
+
+  # ---------------------------------------------------------- optimiser
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 1e-5  # paper section 3
+  c.optim.weight_decay = 0.05
+  c.optim.grad_clip = 1.0
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "poly"  # poly | cosine | constant
+  c.optim.sam = True
+  c.optim.sam_rho = 0.05
+
+  # ------------------------------------------------------------ training
+  c.train = ml_collections.ConfigDict()
+  c.train.epochs = 1000  # paper section 3
+  c.train.steps_per_epoch = 250  # nnU-Net
+  c.train.num_steps = -1  # -1: epochs * steps_per_epoch
+  c.train.log_every = 50
+  c.train.eval_every = 12500  # steps; <= 0 disables periodic validation
+  c.train.checkpoint_every = 2500
+  c.train.keep_checkpoints = 3
+  c.train.max_nonfinite_in_a_row = 10
+  c.train.mesh_axes = (("data", -1),)  # -1: all remaining devices
+  c.train.param_sharding = "replicated"  # replicated | fsdp
+  c.train.eval_max_cases = -1  # cap on validation cases (-1: all)
+
+  # ------------------------------------------------------------ inference
+  c.inference = ml_collections.ConfigDict()
+  c.inference.overlap = 0.5
+  c.inference.gaussian_sigma_scale = 0.125
+  c.inference.tile_batch = 2
+  c.inference.mirror_axes = ()  # e.g. (0, 1, 2) for mirroring TTA
+  c.inference.patient_score = "livermax"  # livermax | volume | query_max
+  c.inference.min_lesion_volume_mm3 = 25.0  # PLAN post-processing
+  c.inference.max_liver_distance_mm = 3.0
+  c.inference.checkpoint = "best"  # best | latest
+
+  # ----------------------------------------------------------- evaluation
+  c.eval = ml_collections.ConfigDict()
+  c.eval.lesion_iou_threshold = 0.2  # overlap for a detection to count
+  c.eval.num_overlays = 3
+  return c
+
+
+def _demo(c):
+  """Synthetic cohort, trains and evaluates in ~30 min on a 2-core CPU."""
+  c.data.synthetic.size = "demo"
+  c.data.synthetic.cases = 100
+  c.preprocess.target_spacing = (4.0, 3.0, 3.0)
+  c.preprocess.image_order = 1
+  c.input.patch_size = (32, 64, 64)
+  c.input.num_workers = 1
+  c.model.fusion_features = 8
+  c.model.base_features = 16
+  c.model.max_features = 128
+  c.model.kernel_sizes = ((3, 3, 3),) * 4
+  c.model.strides = ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+  c.model.num_queries = 20
+  c.model.hidden_dim = 64
+  c.model.mask_dim = 32
+  c.model.ffn_dim = 128
+  c.model.num_heads = 4
+  c.loss.num_points = 4096
+  c.optim.lr = 3e-4
+  c.optim.weight_decay = 1e-4
+  c.optim.warmup_steps = 50
+  c.train.epochs = 1
+  c.train.steps_per_epoch = 1200
+  c.train.log_every = 25
+  c.train.eval_every = 600
+  c.train.checkpoint_every = 300
+  c.train.eval_max_cases = 10
+  c.inference.tile_batch = 2
+  return c
+
+
+def _smoke(c):
+  """Tiny: tests and CI (seconds per step on a CPU)."""
+  c.data.synthetic.size = "smoke"
+  c.data.synthetic.cases = 6
+  c.data.synthetic.test_fraction = 0.34
+  c.data.val_fraction = 0.25
+  c.data.max_instances = 6
+  c.preprocess.target_spacing = (6.0, 6.0, 6.0)
+  c.preprocess.image_order = 1
+  c.preprocess.num_workers = 0
+  c.input.patch_size = (16, 32, 32)
+  c.input.num_workers = 0
+  c.model.fusion_features = 4
+  c.model.base_features = 4
+  c.model.max_features = 16
+  c.model.kernel_sizes = ((3, 3, 3),) * 3
+  c.model.strides = ((1, 1, 1), (2, 2, 2), (2, 2, 2))
+  c.model.num_queries = 8
+  c.model.hidden_dim = 16
+  c.model.mask_dim = 8
+  c.model.num_heads = 2
+  c.model.ffn_dim = 32
+  c.model.dec_layers = 3
+  c.model.acl_dim = 8
+  c.model.mask_stride_stage = 0
+  c.loss.num_points = 256
+  c.loss.memory_size = 32
+  c.optim.lr = 1e-3
+  c.train.epochs = 1
+  c.train.steps_per_epoch = 4
+  c.train.log_every = 1
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 2
+  c.train.eval_max_cases = 2
+  c.inference.tile_batch = 1
+  c.eval.num_overlays = 1
+  return c
+
+
+_VARIANTS = {"paper": lambda c: c, "demo": _demo, "smoke": _smoke}
+
+_OVERRIDES = {
+    "fusion": lambda c, v: setattr(c.model, "fusion", v),
+    "head": lambda c, v: setattr(c.model, "head", v),
+    "cls_loss": lambda c, v: setattr(c.loss, "cls_loss", v),
+    "contrastive": lambda c, v: setattr(c.loss, "contrastive", v),
+    "patient_score": lambda c, v: setattr(c.inference, "patient_score", v),
+    "sam": lambda c, v: setattr(c.optim, "sam", bool(int(v))),
+    "delayed": lambda c, v: setattr(c.data, "drop_delayed", not bool(int(v))),
+}
+
+
+def get_config(arg=None):
+  """Returns the config for `arg` ("", "smoke", "demo,fusion=hemis", ...).
+
+  Variants are applied first, then `key=value` overrides, whatever their order.
+  """
+  c = _paper()
+  parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+  for part in parts:
+    if "=" not in part:
+      if part not in _VARIANTS:
+        raise ValueError(f"Unknown config variant {part!r}; known: "
+                         f"{sorted(_VARIANTS)}")
+      c = _VARIANTS[part](c)
+  for part in parts:
+    if "=" in part:
+      key, value = part.split("=", 1)
+      if key not in _OVERRIDES:
+        raise ValueError(f"Unknown config override {key!r}; known: "
+                         f"{sorted(_OVERRIDES)}")
+      _OVERRIDES[key](c, value)
+  for field, allowed in (("fusion", ("ifm", "early", "hemis", "convlstm")),
+                         ("head", ("mask2former", "per_voxel"))):
+    if c.model[field] not in allowed:
+      raise ValueError(f"config.model.{field}={c.model[field]!r}; "
+                       f"expected one of {allowed}")
+  return c
