@@ -1,0 +1,84 @@
+"""Orbax checkpoints of the train state and the grain iterator.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data}. `state` is the whole `TrainState` pytree
+(restored onto whatever shardings the caller asks for, so a checkpoint written on 4 devices
+restores on 1); `data` is each process's grain iterator state. The last
+`config.train.keep_checkpoints` are kept, plus the best by validation AUC-8.
+"""
+
+import logging
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+BEST_METRIC = "auc8"
+
+
+def make_manager(workdir, keep, asynchronous=True):
+    """A `CheckpointManager` keeping the latest `keep` and the best by validation AUC-8."""
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(keep),
+        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                  keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                           enable_async_checkpointing=asynchronous)
+    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
+                                 item_names=("state", "data"), options=options)
+
+
+def save(manager, step, state, data_iter=None, metrics=None, force=False):
+    """Saves asynchronously; `metrics` (e.g. {"auc8": 0.9}) rank the checkpoint for "best"."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+
+def restore_latest(manager, abstract_state, data_iter=None):
+    """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
+
+    A checkpoint that fails to restore (corrupt, truncated) is skipped with a warning and the
+    previous one is tried. Returns (state, step), or (None, None) when there is none.
+    `data_iter` is restored in place when given.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 -- any failure means "unreadable"
+            logging.warning("Checkpoint at step %d could not be restored (%s: %s); trying the "
+                            "previous one.", step, type(e).__name__, e)
+            continue
+        return restored["state"], step
+    return None, None
+
+
+def restore_params(workdir, which="best"):
+    """Parameters of a trained workdir's best (else latest) checkpoint, as host numpy arrays.
+
+    For inference: restores only the `params` subtree, replicated on the default device, whatever
+    mesh wrote it.
+    """
+    manager = make_manager(workdir, keep=1_000_000, asynchronous=False)
+    steps = manager.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint under {pathlib.Path(workdir) / 'checkpoints'}: "
+                                "train first (--mode=train) or point --workdir at a trained run.")
+    step = manager.best_step() if which == "best" else None
+    step = manager.latest_step() if step is None else step
+    metadata = manager.item_metadata(step)["state"]
+    # Restore the whole state without a target, on one device (shardings from the metadata
+    # would name the writer's devices).
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    manager.close()
+    return restored["state"]["params"], step
