@@ -66,6 +66,11 @@ def _paper():
   c.input.fg_prob = 0.33  # per-sample foreground oversampling (PLAN/nnU-Net)
   c.input.num_workers = 2  # grain worker processes (0: in-process)
   c.input.prefetch = 2
+  # Added by the input pipeline: foreground-centred patches are shifted by up to
+  # fg_jitter * patch_size per axis (lesions not always at the centre), and
+  # in-process reading threads when num_workers == 0.
+  c.input.fg_jitter = 0.25
+  c.input.read_threads = 1
   c.input.aug = ml_collections.ConfigDict()
   c.input.aug.enabled = True
   c.input.aug.rotation_deg = 15.0  # around z only: CT is acquired axially
@@ -77,6 +82,15 @@ def _paper():
   c.input.aug.gamma = (0.7, 1.5)
   c.input.aug.phase_drop_prob = 0.0  # random dropping of D/NC/A (HeMIS-style)
   c.input.aug.misregistration_vox = 1  # random per-phase shift, voxels
+  # Added by the input pipeline: per-sample probabilities of each augmentation
+  # (nnU-Net's defaults: rotation 0.2, scale 0.2, brightness/contrast 0.15,
+  # gamma 0.3, noise 0.1).
+  c.input.aug.rotation_prob = 0.2
+  c.input.aug.scale_prob = 0.2
+  c.input.aug.intensity_prob = 0.15
+  c.input.aug.gamma_prob = 0.3
+  c.input.aug.noise_prob = 0.1
+  c.input.aug.misregistration_prob = 0.2
 
   # -------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
