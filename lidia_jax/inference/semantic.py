@@ -1,0 +1,148 @@
+"""From network outputs on a tile to per-voxel probabilities over the label codes.
+
+Mask2Former head (semantic inference, as Mask2Former / PLAN):
+  s_c(v) = sum_q softmax(logits_q)[c] * sigmoid(mask_q(v)),  c = 0..K-1 (no-object dropped),
+with the mask logits resized trilinearly from the mask_features grid to the tile before the
+sigmoid. Class index 0 is the liver (its target covers liver AND lesions), 1..8 the lesions.
+
+Because the classes are nested (a lesion voxel is also a liver voxel) and there is no background
+class, PLAN's plain per-voxel renormalisation of s does not apply as is. We map s to a
+distribution over the 10 label codes that sums to 1 per voxel:
+  r      = max_c clip(s_c, 0, 1)               P(voxel in the liver incl. lesions)
+  t      = min(sum_{c>=1} s_c, r)              P(lesion), never above P(liver region)
+  p_bg   = 1 - r                               label 0
+  p_liv  = r - t                               label 1 (parenchyma)
+  p_c    = s_c * t / sum_{c>=1} s_c            labels 2..9 (lesion classes share t pro rata)
+so the background is "no class claims the voxel" (1 - the strongest class score) and lesions are
+carved out of the liver region, which keeps LiverMax (the max of p_c inside the liver) a
+probability in [0, 1].
+
+Per-voxel head: softmax of seg_logits over the 10 label codes.
+"""
+
+import itertools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-6
+
+
+def mask2former_semantic(class_logits, mask_logits, tile_shape: Sequence[int]):
+    """Mask2Former semantic scores on a tile.
+
+    Args:
+      class_logits: [B, Q, K+1] (last = no-object).
+      mask_logits: [B, Q, d, h, w] at mask_features resolution.
+      tile_shape: (pz, py, px) to resize the masks to.
+    Returns:
+      scores [B, pz, py, px, K] float32, mask_probs [B, Q, pz, py, px] float32.
+    """
+    cls = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :-1]
+    b, q = mask_logits.shape[:2]
+    masks = mask_logits.astype(jnp.float32)
+    if tuple(masks.shape[2:]) != tuple(tile_shape):
+        # "linear" on 3 spatial axes = trilinear, half-pixel centres (align_corners=False).
+        masks = jax.image.resize(masks, (b, q) + tuple(tile_shape), method="linear")
+    mask_probs = jax.nn.sigmoid(masks)
+    scores = jnp.einsum("bqc,bqdhw->bdhwc", cls, mask_probs)
+    return scores, mask_probs
+
+
+def label_probabilities(scores):
+    """Mask2Former class scores [..., K] (0 liver, 1.. lesions) -> [..., K+1] over label codes.
+
+    See the module docstring for the construction; the result is >= 0 and sums to 1.
+    """
+    s = jnp.clip(scores, 0.0, 1.0)
+    region = s.max(axis=-1)
+    lesion = s[..., 1:]
+    total = lesion.sum(axis=-1)
+    t = jnp.minimum(total, region)
+    lesion_p = lesion * (t / jnp.maximum(total, _EPS))[..., None]
+    return jnp.concatenate([(1.0 - region)[..., None], (region - t)[..., None], lesion_p],
+                           axis=-1)
+
+
+def query_liver_scores(class_logits, mask_probs, liver_region):
+    """Per-tile "query_max" patient evidence: [B, K] max over queries overlapping the liver.
+
+    A query's score for class c is its class probability times the mean mask probability inside
+    its binarised mask (Mask2Former instance score); only queries whose binarised mask touches
+    the tile's predicted liver region count (0 otherwise).
+
+    Args:
+      class_logits: [B, Q, K+1]; mask_probs: [B, Q, pz, py, px]; liver_region: [B, pz, py, px].
+    """
+    cls = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :-1]
+    binary = mask_probs > 0.5
+    inside = jnp.sum(mask_probs * binary, axis=(2, 3, 4))
+    count = jnp.sum(binary, axis=(2, 3, 4))
+    mask_score = inside / jnp.maximum(count, 1)
+    touches = jnp.any(binary & liver_region[:, None], axis=(2, 3, 4))
+    score = cls * (mask_score * touches)[..., None]
+    return score.max(axis=1)
+
+
+def outputs_to_probs(outputs, head: str, tile_shape: Sequence[int]):
+    """Model outputs on tiles -> (probs [B, pz, py, px, 10], aux [B, K] or None)."""
+    if head == "per_voxel":
+        return jax.nn.softmax(outputs["seg_logits"].astype(jnp.float32), axis=-1), None
+    if head != "mask2former":
+        raise ValueError(f"unknown head {head!r}")
+    logits, masks = outputs["logits"][-1], outputs["masks"][-1]
+    scores, mask_probs = mask2former_semantic(logits, masks, tile_shape)
+    probs = label_probabilities(scores)
+    aux = query_liver_scores(logits, mask_probs, probs[..., 0] < 0.5)
+    return probs, aux
+
+
+def mirror_combinations(mirror_axes: Sequence[int]):
+    """All non-empty subsets of the spatial mirror axes (nnU-Net TTA), as array axes of [B,D,H,W,C]."""
+    axes = [int(a) + 1 for a in mirror_axes]
+    for a in mirror_axes:
+        if int(a) not in (0, 1, 2):
+            raise ValueError(f"mirror axes are spatial axes 0 (z), 1 (y), 2 (x); got {a}")
+    return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def make_tile_predictor(apply_fn: Callable, head: str, tile_shape: Sequence[int],
+                        mirror_axes: Sequence[int] = ()) -> Callable:
+    """One jitted function (variables, tiles, phase_mask) -> (probs, aux) for all cases.
+
+    apply_fn(variables, image [B, pz, py, px, 4], phase_mask [B, 4]) -> model outputs dict.
+    Mirroring TTA averages the probabilities of the plain and every mirrored pass (each flipped
+    back), and takes the max of the query evidence. Jit retraces only for a new tile batch shape.
+    """
+    tile_shape = tuple(int(s) for s in tile_shape)
+    flips = [()] + mirror_combinations(mirror_axes)
+
+    def predict(variables, tiles, phase_mask):
+        probs_sum, aux_max = None, None
+        for axes in flips:
+            x = jnp.flip(tiles, axes) if axes else tiles
+            probs, aux = outputs_to_probs(apply_fn(variables, x, phase_mask), head, tile_shape)
+            probs = jnp.flip(probs, axes) if axes else probs
+            probs_sum = probs if probs_sum is None else probs_sum + probs
+            if aux is not None:
+                aux_max = aux if aux_max is None else jnp.maximum(aux_max, aux)
+        return probs_sum / len(flips), aux_max
+
+    return jax.jit(predict)
+
+
+def model_tile_predictor(model, config) -> Callable:
+    """make_tile_predictor for a flax model built from config.model (eval mode)."""
+
+    def apply_fn(variables, image, phase_mask):
+        return model.apply(variables, image, phase_mask, train=False)
+
+    return make_tile_predictor(apply_fn, config.model.head, config.input.patch_size,
+                               config.inference.mirror_axes)
+
+
+def bind(tile_predictor: Callable, variables) -> Callable:
+    """Closes a tile predictor over variables: (tiles, phase_mask) -> (probs, aux), no retrace."""
+    return lambda tiles, phase_mask: tile_predictor(variables, tiles, phase_mask)
+
