@@ -97,6 +97,9 @@ def _paper():
   c.model.fusion = "ifm"  # ifm | early | hemis | convlstm
   c.model.head = "mask2former"  # mask2former | per_voxel
   c.model.fusion_features = 32  # channels C of h^p (Eq. 1)
+  # IFM: one F_conv shared by every fusion step of Eq. 2 (True, the literal reading) or
+  # one F_conv per incoming phase A, V, D (False). [model engineer]
+  c.model.ifm_shared_fuse = True
   c.model.base_features = 32
   c.model.max_features = 320
   # nnU-Net plan: per stage, kernel and stride per axis (z, y, x).

@@ -1,0 +1,48 @@
+"""Logical axis names of the parameters and their mapping to mesh axes.
+
+Every kernel is created with `nn.with_logical_partitioning`, so `model.init` returns
+`nn.LogicallyPartitioned` boxes. How to use them:
+
+  variables = model.init(rng, image, phase_mask)            # boxed leaves
+  logical = nn.get_partition_spec(variables)                # PartitionSpec of logical names
+  shardings = nn.logical_to_mesh_sharding(logical, mesh, logical_axis_rules("fsdp"))
+  params = nn.meta.unbox(variables)["params"]               # plain arrays (what optax sees)
+  model.apply({"params": params}, image, phase_mask)        # apply accepts boxed or plain
+
+(`nn.meta.unbox` also unwraps a jax.eval_shape of init into plain ShapeDtypeStructs.) Leaves
+without a box (e.g. conv biases created inside conv.Conv) get PartitionSpec() = replicated.
+
+Logical axes:
+  conv_in, conv_out   3-D conv kernels [kz, ky, kx, conv_in, conv_out]
+  embed               transformer width (hidden_dim)
+  qkv                 attention projections' output/input width
+  mlp                 FFN / MLP hidden width
+  classes, mask, acl  head outputs (K+1 logits, mask_dim, acl_dim)
+  queries             the learnable query tables
+  norm                normalisation scales/biases
+"""
+
+from typing import Tuple
+
+_REPLICATED = (
+    ("conv_in", None), ("conv_out", None), ("embed", None), ("qkv", None), ("mlp", None),
+    ("classes", None), ("mask", None), ("acl", None), ("queries", None), ("norm", None),
+)
+
+# FSDP (ZeRO-3 style): shard the largest dimension of every big kernel over the "data" mesh
+# axis; small vectors stay replicated. jit requires the mesh's "data" size to divide every
+# sharded dimension (channel counts are powers of two times base_features in every config).
+_FSDP = (
+    ("conv_in", None), ("conv_out", "data"), ("embed", None), ("qkv", "data"), ("mlp", "data"),
+    ("classes", None), ("mask", None), ("acl", None), ("queries", None), ("norm", None),
+)
+
+LOGICAL_AXIS_RULES = {"replicated": _REPLICATED, "fsdp": _FSDP}
+
+
+def logical_axis_rules(param_sharding: str = "replicated") -> Tuple[Tuple[str, str | None], ...]:
+    """Rules for `nn.logical_to_mesh_sharding`, by config.train.param_sharding."""
+    if param_sharding not in LOGICAL_AXIS_RULES:
+        raise ValueError(f"config.train.param_sharding={param_sharding!r}: expected one of "
+                         f"{sorted(LOGICAL_AXIS_RULES)}")
+    return LOGICAL_AXIS_RULES[param_sharding]
