@@ -1,0 +1,211 @@
+"""The paper's metrics (Table 1 / 3): patient-wise AUC, lesion-wise detection, pixel-wise Dice.
+
+Evaluation is two steps: `case_record` scores one case (prediction vs truth on one grid) into a
+small dict, and `summarize` aggregates the records of a cohort. Definitions:
+
+Patient-wise (one-vs-rest over patients, sklearn's roc_auc_score):
+  truth of class c = the case holds at least one lesion of class c; score = the patient
+  probability of c. A class absent from every patient, or present in every patient, has no
+  AUC: NaN, reported as null and left out of AUC-8 (= the mean over the classes that have one;
+  "auc8_classes" names them). AUC-2: malignancy probability of malignant patients (>= 1
+  HCC/ICC/meta lesion) against benign ones (>= 1 lesion, all heman/FNH/cyst/calc); patients with
+  neither (no lesion, or "others" without a malignant lesion) are left out.
+Lesion-wise:
+  a predicted lesion detects a true one when their voxel IoU >= config.eval.lesion_iou_threshold;
+  predictions and truths are matched one-to-one (Hungarian, scipy) maximising first the number
+  of matches, then their total IoU. precision = matched / predicted, sensitivity = matched /
+  true, classification accuracy = correct class / matched, all pooled over the cohort's lesions.
+  Confusion matrix rows = true class, columns = predicted class, plus "none" (a missed true
+  lesion: column none; a false-positive prediction: row none).
+Pixel-wise lesion Dice (all lesion classes one foreground, label >= 2):
+  HEADLINE "lesion_dice" = global Dice over the voxels of all cases pooled;
+  "lesion_dice_per_case" = mean of the per-case Dice over the cases where truth or prediction has
+  a lesion (a case empty in both has no Dice and is left out).
+"""
+
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+from scipy import optimize
+from sklearn import metrics as sk_metrics
+
+FIRST_LESION_CODE = 2
+
+
+def overlap_matrix(gt_inst: np.ndarray, pred_inst: np.ndarray):
+    """Voxel counts: intersections [G+1, P+1] (row/col 0 = background), sizes of each id."""
+    g_max, p_max = int(gt_inst.max(initial=0)), int(pred_inst.max(initial=0))
+    joint = gt_inst.astype(np.int64) * (p_max + 1) + pred_inst.astype(np.int64)
+    inter = np.bincount(joint.ravel(), minlength=(g_max + 1) * (p_max + 1))
+    return inter.reshape(g_max + 1, p_max + 1)
+
+
+def match_lesions(gt_inst: np.ndarray, pred_inst: np.ndarray, iou_threshold: float):
+    """One-to-one matches between true and predicted lesions.
+
+    Args:
+      gt_inst, pred_inst: [D, H, W] int instance ids (0 = none) on the same grid.
+      iou_threshold: minimal IoU for a pair to count as a detection.
+    Returns:
+      list of (gt_id, pred_id, iou) for the matched pairs, ids as in the maps.
+    """
+    inter = overlap_matrix(gt_inst, pred_inst)
+    g_size, p_size = inter.sum(1), inter.sum(0)
+    gt_ids = np.flatnonzero(g_size[1:]) + 1
+    pred_ids = np.flatnonzero(p_size[1:]) + 1
+    if len(gt_ids) == 0 or len(pred_ids) == 0:
+        return []
+    i = inter[np.ix_(gt_ids, pred_ids)].astype(float)
+    iou = i / (g_size[gt_ids, None] + p_size[None, pred_ids] - i)
+    eligible = iou >= iou_threshold
+    # Weight L + IoU with L > any possible match count: more matches always win, then IoU.
+    big = min(len(gt_ids), len(pred_ids)) + 1
+    rows, cols = optimize.linear_sum_assignment(np.where(eligible, big + iou, 0.0), maximize=True)
+    return [(int(gt_ids[r]), int(pred_ids[c]), float(iou[r, c]))
+            for r, c in zip(rows, cols) if eligible[r, c]]
+
+
+def case_record(case: str, gt_seg: np.ndarray, gt_inst: np.ndarray,
+                gt_classes: Mapping[int, int], pred_seg: np.ndarray, pred_inst: np.ndarray,
+                pred_classes: Mapping[int, int], patient_probabilities: Sequence[float],
+                malignancy_probability: float, iou_threshold: float,
+                patient_codes: Optional[Sequence[int]] = None) -> dict:
+    """Scores one case. Label maps on one grid; *_classes: {instance id: lesion label code}.
+
+    patient_probabilities: [8] for the lesion codes 2..9; patient_codes: the lesion codes the
+    patient truly holds (default: the values of gt_classes).
+    """
+    if gt_seg.shape != pred_seg.shape:
+        raise ValueError(f"{case}: prediction shape {pred_seg.shape} differs from the truth "
+                         f"{gt_seg.shape}")
+    gt_fg, pred_fg = gt_seg >= FIRST_LESION_CODE, pred_seg >= FIRST_LESION_CODE
+    matches = match_lesions(gt_inst, pred_inst, iou_threshold)
+    gt_ids = [int(i) for i in np.unique(gt_inst) if i > 0 and int(i) in gt_classes]
+    pred_ids = [int(i) for i in np.unique(pred_inst) if i > 0 and int(i) in pred_classes]
+    codes = sorted(set(gt_classes.values())) if patient_codes is None else sorted(patient_codes)
+    return {
+        "case": case,
+        "patient_codes": [int(c) for c in codes],
+        "patient_probabilities": [float(p) for p in patient_probabilities],
+        "malignancy_probability": float(malignancy_probability),
+        "dice_intersection": int(np.count_nonzero(gt_fg & pred_fg)),
+        "dice_gt": int(np.count_nonzero(gt_fg)),
+        "dice_pred": int(np.count_nonzero(pred_fg)),
+        "gt_lesions": {i: int(gt_classes[i]) for i in gt_ids},
+        "pred_lesions": {i: int(pred_classes[i]) for i in pred_ids},
+        "matches": [(g, p, iou) for g, p, iou in matches if g in gt_classes and p in pred_classes],
+    }
+
+
+def _nan_to_none(x):
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def patient_aucs(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUC per class over patients: truth [N, C] bool, scores [N, C] -> [C], NaN if undefined."""
+    out = np.full(truth.shape[1], np.nan)
+    for c in range(truth.shape[1]):
+        if 0 < truth[:, c].sum() < len(truth):
+            out[c] = sk_metrics.roc_auc_score(truth[:, c], scores[:, c])
+    return out
+
+
+def summarize(records: Sequence[dict], lesion_names: Sequence[str],
+              malignant: Sequence[str], benign: Sequence[str]) -> dict:
+    """Cohort metrics from case records (see the module docstring for every definition).
+
+    Returns a JSON-ready dict: scalars at the top level (auc8, auc2, lesion_precision,
+    lesion_sensitivity, lesion_accuracy, lesion_dice, lesion_dice_per_case, num_cases) and
+    details (auc per class, counts, confusion matrix, per-case rows).
+    """
+    names = list(lesion_names)
+    code_of = {n: FIRST_LESION_CODE + i for i, n in enumerate(names)}
+    malignant_codes = {code_of[n] for n in malignant}
+    benign_codes = {code_of[n] for n in benign}
+    n = len(records)
+    truth = np.zeros((n, len(names)), bool)
+    scores = np.zeros((n, len(names)))
+    for k, r in enumerate(records):
+        for code in r["patient_codes"]:
+            truth[k, code - FIRST_LESION_CODE] = True
+        scores[k] = r["patient_probabilities"]
+    aucs = patient_aucs(truth, scores)
+    defined = [names[c] for c in range(len(names)) if np.isfinite(aucs[c])]
+    auc8 = float(np.nanmean(aucs)) if defined else float("nan")
+
+    mal_y, mal_s = [], []
+    for r in records:
+        codes = set(r["patient_codes"])
+        if codes & malignant_codes:
+            mal_y.append(1)
+        elif codes and codes <= benign_codes:
+            mal_y.append(0)
+        else:
+            continue
+        mal_s.append(r["malignancy_probability"])
+    auc2 = (float(sk_metrics.roc_auc_score(mal_y, mal_s)) if 0 < sum(mal_y) < len(mal_y)
+            else float("nan"))
+
+    # Lesion-wise: pooled counts and the confusion matrix (index len(names) = "none").
+    none = len(names)
+    confusion = np.zeros((none + 1, none + 1), np.int64)
+    num_gt = num_pred = num_matched = num_correct = 0
+    inter = gt_vox = pred_vox = 0
+    per_case_dice = []
+    rows = []
+    for r in records:
+        gt, pred = r["gt_lesions"], r["pred_lesions"]
+        matched_gt = {g for g, _, _ in r["matches"]}
+        matched_pred = {p for _, p, _ in r["matches"]}
+        for g, p, _ in r["matches"]:
+            confusion[gt[g] - FIRST_LESION_CODE, pred[p] - FIRST_LESION_CODE] += 1
+            num_correct += int(gt[g] == pred[p])
+        for g in set(gt) - matched_gt:
+            confusion[gt[g] - FIRST_LESION_CODE, none] += 1
+        for p in set(pred) - matched_pred:
+            confusion[none, pred[p] - FIRST_LESION_CODE] += 1
+        num_gt += len(gt)
+        num_pred += len(pred)
+        num_matched += len(r["matches"])
+        inter += r["dice_intersection"]
+        gt_vox += r["dice_gt"]
+        pred_vox += r["dice_pred"]
+        denom = r["dice_gt"] + r["dice_pred"]
+        dice = 2.0 * r["dice_intersection"] / denom if denom else float("nan")
+        if denom:
+            per_case_dice.append(dice)
+        rows.append({"case": r["case"], "lesion_dice": _nan_to_none(dice),
+                     "true_lesions": len(gt), "predicted_lesions": len(pred),
+                     "matched": len(r["matches"]),
+                     "true_classes": [names[c - FIRST_LESION_CODE] for c in r["patient_codes"]],
+                     "patient_probabilities": dict(zip(names, r["patient_probabilities"])),
+                     "malignancy_probability": r["malignancy_probability"]})
+
+    ratio = lambda a, b: a / b if b else float("nan")
+    return {
+        "num_cases": n,
+        "auc8": auc8,
+        "auc2": auc2,
+        "lesion_precision": ratio(num_matched, num_pred),
+        "lesion_sensitivity": ratio(num_matched, num_gt),
+        "lesion_accuracy": ratio(num_correct, num_matched),
+        "lesion_dice": ratio(2.0 * inter, gt_vox + pred_vox),
+        "lesion_dice_per_case": float(np.mean(per_case_dice)) if per_case_dice else float("nan"),
+        "auc": {names[c]: _nan_to_none(aucs[c]) for c in range(len(names))},
+        "auc8_classes": defined,
+        "auc2_patients": {"malignant": int(sum(mal_y)), "benign": int(len(mal_y) - sum(mal_y))},
+        "patients_per_class": {names[c]: int(truth[:, c].sum()) for c in range(len(names))},
+        "lesion_counts": {"true": num_gt, "predicted": num_pred, "matched": num_matched,
+                          "correct_class": num_correct},
+        "confusion_labels": names + ["none"],
+        "confusion_matrix": confusion.tolist(),
+        "per_case": rows,
+        "roc_data": {"truth": truth.astype(int).tolist(), "scores": scores.tolist(),
+                     "malignant_truth": mal_y, "malignant_scores": mal_s},
+    }
+
+
+def scalar_metrics(summary: Dict) -> Dict[str, float]:
+    """The top-level scalars of a summary (what the training loop logs)."""
+    return {k: float(v) for k, v in summary.items()
+            if isinstance(v, (int, float, np.floating, np.integer))}

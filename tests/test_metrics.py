@@ -1,0 +1,116 @@
+"""Metrics against hand-computed answers on a tiny cohort and against scikit-learn."""
+
+import itertools
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from lidia_jax.evaluation import metrics
+
+NAMES = ("HCC", "ICC", "meta", "heman", "FNH", "cyst", "calc", "others")
+MALIGNANT = ("HCC", "ICC", "meta")
+BENIGN = ("heman", "FNH", "cyst", "calc")
+
+
+def _mann_whitney(pos, neg):
+    pairs = [(p > n) + 0.5 * (p == n) for p, n in itertools.product(pos, neg)]
+    return sum(pairs) / len(pairs)
+
+
+def _line(*segments, n=24):
+    """[1, 1, n] instance map from (id, start, stop) segments."""
+    out = np.zeros((1, 1, n), np.uint16)
+    for i, a, b in segments:
+        out[0, 0, a:b] = i
+    return out
+
+
+def _seg(inst, classes):
+    seg = np.where(inst > 0, 1, 0).astype(np.uint8)
+    for i, code in classes.items():
+        seg[inst == i] = code
+    return seg
+
+
+def test_hungarian_prefers_more_matches_over_greedy_iou():
+    gt = _line((1, 0, 10), (2, 10, 20))
+    pred = _line((1, 2, 14), (2, 0, 2))
+    matches = metrics.match_lesions(gt, pred, iou_threshold=0.19)
+    assert sorted((g, p) for g, p, _ in matches) == [(1, 2), (2, 1)]
+    ious = {(g, p): iou for g, p, iou in matches}
+    assert ious[(2, 1)] == pytest.approx(4 / 18)
+    assert ious[(1, 2)] == pytest.approx(2 / 10)
+
+
+def _tiny_cohort():
+    # Case 0: HCC (8 vox) detected as HCC (IoU 0.5), cyst (4 vox) hit with IoU 0.1 (missed),
+    # a false-positive meta.
+    gt0 = _line((1, 0, 8), (2, 12, 16))
+    pred0 = _line((1, 4, 12), (2, 15, 22), (3, 22, 24))
+    r0 = metrics.case_record("c0", _seg(gt0, {1: 2, 2: 7}), gt0, {1: 2, 2: 7},
+                             _seg(pred0, {1: 2, 2: 7, 3: 4}), pred0, {1: 2, 2: 7, 3: 4},
+                             [0.9, 0.1, 0.2, 0, 0, 0.2, 0, 0], 0.8, iou_threshold=0.2)
+    # Case 1: a cyst detected but called FNH.
+    gt1 = _line((1, 0, 6))
+    pred1 = _line((1, 0, 5))
+    r1 = metrics.case_record("c1", _seg(gt1, {1: 7}), gt1, {1: 7}, _seg(pred1, {1: 6}), pred1,
+                             {1: 6}, [0.3, 0, 0, 0, 0, 0.5, 0, 0], 0.75, iou_threshold=0.2)
+    # Case 2: HCC + cyst, nothing predicted. Case 3: no lesion, nothing predicted.
+    gt2 = _line((1, 0, 4), (2, 10, 12))
+    empty = np.zeros_like(gt2)
+    r2 = metrics.case_record("c2", _seg(gt2, {1: 2, 2: 7}), gt2, {1: 2, 2: 7}, empty, empty, {},
+                             [0.6, 0, 0, 0, 0, 0.1, 0, 0], 0.7, iou_threshold=0.2)
+    r3 = metrics.case_record("c3", empty, empty, {}, empty, empty, {},
+                             [0.1, 0, 0, 0, 0, 0.5, 0, 0], 0.99, iou_threshold=0.2)
+    return [r0, r1, r2, r3]
+
+
+def test_tiny_cohort_hand_computed():
+    s = metrics.summarize(_tiny_cohort(), NAMES, MALIGNANT, BENIGN)
+    # HCC truth [1, 0, 1, 0], scores [.9, .3, .6, .1] -> 1.0; cyst truth [1, 1, 1, 0],
+    # scores [.2, .5, .1, .5] -> pairs (.2|.5) 0, (.5|.5) .5, (.1|.5) 0 -> 1/6.
+    assert s["auc"]["HCC"] == pytest.approx(1.0)
+    assert s["auc"]["cyst"] == pytest.approx(0.5 / 3)
+    assert s["auc"]["ICC"] is None and s["auc"]["FNH"] is None
+    assert s["auc8_classes"] == ["HCC", "cyst"]
+    assert s["auc8"] == pytest.approx((1.0 + 0.5 / 3) / 2)
+    # AUC-2: malignant c0 (.8), c2 (.7) vs benign c1 (.75); c3 (no lesion) left out -> 0.5.
+    assert s["auc2"] == pytest.approx(0.5)
+    assert s["auc2_patients"] == {"malignant": 2, "benign": 1}
+    # Lesions: true 2 + 1 + 2 = 5, predicted 3 + 1 = 4, matched 2 (c0 HCC, c1 cyst->FNH).
+    assert s["lesion_counts"] == {"true": 5, "predicted": 4, "matched": 2, "correct_class": 1}
+    assert s["lesion_precision"] == pytest.approx(2 / 4)
+    assert s["lesion_sensitivity"] == pytest.approx(2 / 5)
+    assert s["lesion_accuracy"] == pytest.approx(1 / 2)
+    cm = np.array(s["confusion_matrix"])
+    i = {n: k for k, n in enumerate(s["confusion_labels"])}
+    assert cm[i["HCC"], i["HCC"]] == 1 and cm[i["cyst"], i["FNH"]] == 1
+    assert cm[i["cyst"], i["none"]] == 2 and cm[i["HCC"], i["none"]] == 1
+    assert cm[i["none"], i["meta"]] == 1 and cm[i["none"], i["cyst"]] == 1
+    assert cm.sum() == 7
+    # Dice: c0 inter 4 + 1 = 5, |gt| 8 + 4, |pred| 8 + 7 + 2; c1 5, 6, 5; c2 0, 6, 0; c3 none.
+    assert s["lesion_dice"] == pytest.approx(2 * 10 / (24 + 22))
+    assert s["lesion_dice_per_case"] == pytest.approx(np.mean([10 / 29, 10 / 11, 0.0]))
+    assert [row["lesion_dice"] for row in s["per_case"]][3] is None
+
+
+def test_aucs_equal_sklearn_and_mann_whitney_on_random_scores():
+    rng = np.random.default_rng(0)
+    truth = rng.random((40, 8)) < 0.3
+    truth[:, 6] = False  # absent everywhere
+    truth[:, 7] = True  # present everywhere
+    scores = np.round(rng.random((40, 8)), 1)  # ties on purpose
+    aucs = metrics.patient_aucs(truth, scores)
+    for c in range(6):
+        assert aucs[c] == pytest.approx(roc_auc_score(truth[:, c], scores[:, c]))
+        assert aucs[c] == pytest.approx(_mann_whitney(scores[truth[:, c], c],
+                                                      scores[~truth[:, c], c]))
+    assert np.isnan(aucs[6]) and np.isnan(aucs[7])
+
+
+def test_shape_mismatch_is_reported():
+    a = np.zeros((1, 1, 4), np.uint8)
+    with pytest.raises(ValueError, match="c9"):
+        metrics.case_record("c9", a, a, {}, np.zeros((1, 1, 5), np.uint8), a, {}, [0] * 8, 0,
+                            0.2)
