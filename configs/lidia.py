@@ -181,6 +181,9 @@ def _paper():
   c.inference.min_lesion_volume_mm3 = 25.0  # PLAN post-processing
   c.inference.max_liver_distance_mm = 3.0
   c.inference.checkpoint = "best"  # best | latest
+  # patient_score=volume: P(class) = 1 - exp(-predicted volume / volume_scale_ml) (inference)
+  c.inference.volume_scale_ml = 1.0
+  c.inference.probs_dtype = "float16"  # blended per-voxel probabilities kept on the host
 
   # ----------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()
