@@ -1,0 +1,168 @@
+"""Mask2Former-style set criterion with LIDIA's terms and deep supervision.
+
+L_final = seg_weight * L_seg + cls_weight * L_focal + acl_weight * L_acl (Eq. 6)
+
+L_seg and L_focal are computed for the final prediction and, with
+config.loss.deep_supervision, for every intermediate one (outputs[...][i],
+i = 0..L), each layer with its own Hungarian matching (the layer axis is
+vmapped); the total adds the weighted L_seg + L_focal of all layers, as
+Mask2Former does. L_acl and the memory-bank update use the final layer's
+matching and embeddings only: the bank must hold one embedding per lesion and
+step, and the intermediate embeddings are not projected for contrast.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lidia_jax.objective import classification
+from lidia_jax.objective import contrastive
+from lidia_jax.objective import mask_loss
+from lidia_jax.objective import matching_cost
+from lidia_jax.objective import points as points_lib
+
+
+def _check(outputs, batch, config):
+    logits, masks = outputs["logits"], outputs["masks"]
+    k = config.model.num_classes
+    if logits.ndim != 4 or logits.shape[-1] != k + 1:
+        raise ValueError(f"outputs['logits'] has shape {logits.shape}; expected "
+                         f"[L+1, B, Q, {k + 1}] (config.model.num_classes={k} "
+                         f"+ no-object).")
+    if masks.ndim != 6 or masks.shape[:3] != logits.shape[:3]:
+        raise ValueError(f"outputs['masks'] has shape {masks.shape}; expected "
+                         f"[L+1, B, Q, d, h, w] matching logits "
+                         f"{logits.shape[:3]}.")
+    t = batch["masks"].shape[1]
+    if t > logits.shape[2]:
+        raise ValueError(f"batch['masks'] has {t} targets but the model has "
+                         f"only {logits.shape[2]} queries; need "
+                         f"config.data.max_instances <= "
+                         f"config.model.num_queries.")
+
+
+def _layer_losses(rng, class_logits, mask_logits, targets, config):
+    """Matching + L_seg + classification loss of one prediction layer.
+
+    Args:
+      rng: PRNG key.
+      class_logits: [B, Q, K+1]; mask_logits: [B, Q, d, h, w] (float32).
+      targets: dict masks bool [B, T, D, H, W], classes int [B, T],
+        valid bool [B, T], cumsum int32 [B, T, D*H*W], num_masks scalar.
+      config: full config.
+
+    Returns:
+      (mask_ce, dice, cls) scalars and the matching int32 [B, T].
+    """
+    cl = config.loss
+    num_classes = config.model.num_classes
+    b, t = targets["classes"].shape
+    k_match, k_points = jax.random.split(rng)
+    # One PRNG draw per purpose: each call site costs compile time on CPU.
+    match_points = jax.random.uniform(k_match, (b, int(cl.num_points), 3))
+    idx = jax.vmap(matching_cost.match, in_axes=(0, 0, 0, 0, 0, 0, None))(
+        match_points, class_logits, mask_logits,
+        targets["classes"], targets["masks"], targets["valid"], cl)
+    idx = jax.lax.stop_gradient(idx)
+
+    matched = jnp.take_along_axis(mask_logits, idx[:, :, None, None, None],
+                                  axis=1)  # [B, T, d, h, w]
+    target_shape = targets["masks"].shape[2:]
+    sample_points = jax.vmap(jax.vmap(
+        lambda u, lg, cs: points_lib.loss_points(u, lg, cs, target_shape, cl)))
+    noise = jax.random.uniform(k_points, (b, t, points_lib.num_loss_noise(cl)))
+    pts = sample_points(noise, jax.lax.stop_gradient(matched),
+                        targets["cumsum"])
+    pts = jax.lax.stop_gradient(pts)
+    sample = jax.vmap(jax.vmap(points_lib.trilinear_sample))
+    point_logits = sample(matched, pts)  # [B, T, P]
+    point_targets = sample(targets["masks"], pts)
+    ce, dc = mask_loss.mask_losses(point_logits, point_targets,
+                                   targets["valid"], targets["num_masks"])
+
+    # Unmatched queries (and those parked on padded targets) are no-object.
+    def query_labels(ix, cls, val):
+        return jnp.full((class_logits.shape[1],), num_classes, jnp.int32).at[
+            ix].set(jnp.where(val, cls, num_classes).astype(jnp.int32))
+
+    labels = jax.vmap(query_labels)(idx, targets["classes"], targets["valid"])
+    weights = classification.class_weights(num_classes, cl.no_object_weight)
+    cls = classification.classification_loss(class_logits, labels, weights,
+                                             cl.cls_loss, cl.focal_gamma)
+    return ce, dc, cls, idx
+
+
+def mask2former_loss(outputs, batch, memory, rng, config):
+    """Total LIDIA loss of a mask2former head.
+
+    Args:
+      outputs: {"logits": [L+1, B, Q, K+1], "masks": [L+1, B, Q, d, h, w],
+        "embed": [L+1, B, Q, E]} ([-1] = final prediction).
+      batch: {"masks": bool [B, T, D, H, W], "classes": int32 [B, T],
+        "valid": bool [B, T], ...} (INTERFACES.md batch layout).
+      memory: memory bank (contrastive.init_memory) or None when
+        config.loss.contrastive == "none".
+      rng: PRNG key (point sampling).
+      config: full ConfigDict.
+
+    Returns:
+      (loss, {"metrics": {...scalars}, "memory": new bank}).
+    """
+    _check(outputs, batch, config)
+    cl = config.loss
+    class_logits = outputs["logits"].astype(jnp.float32)
+    mask_logits = outputs["masks"].astype(jnp.float32)
+    if not cl.deep_supervision:
+        class_logits, mask_logits = class_logits[-1:], mask_logits[-1:]
+    num_layers = class_logits.shape[0]
+
+    valid = batch["valid"].astype(bool)
+    classes = batch["classes"].astype(jnp.int32)
+    # Global count: under a global jit the batch axis is the global batch.
+    num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
+    targets = {
+        "masks": batch["masks"].astype(bool),
+        "classes": classes,
+        "valid": valid,
+        "cumsum": jax.vmap(jax.vmap(points_lib.foreground_cumsum))(
+            batch["masks"].astype(bool)),
+        "num_masks": num_masks,
+    }
+    k_layers, _ = jax.random.split(rng)
+    ce, dc, cls, idx = jax.vmap(
+        lambda key, lg, mk: _layer_losses(key, lg, mk, targets, config))(
+            jax.random.split(k_layers, num_layers), class_logits, mask_logits)
+    seg = cl.ce_weight * ce + cl.dice_weight * dc  # [layers]
+    per_layer = cl.seg_weight * seg + cl.cls_weight * cls
+    total = jnp.sum(per_layer)
+
+    metrics = {
+        "loss_mask_ce": ce[-1],
+        "loss_dice": dc[-1],
+        "loss_seg": seg[-1],
+        "loss_cls": cls[-1],
+        "loss_aux": jnp.sum(per_layer[:-1]),
+        "num_targets": jnp.sum(valid).astype(jnp.float32),
+    }
+
+    new_memory = memory
+    if cl.contrastive != "none":
+        embed = outputs["embed"][-1].astype(jnp.float32)  # [B, Q, E]
+        if memory is None or memory["embed"].shape[-1] != embed.shape[-1]:
+            raise ValueError(
+                "compute_loss: memory bank missing or of the wrong width for "
+                f"embeddings of size {embed.shape[-1]}; create it with "
+                "init_memory(config.loss.memory_size, config.model.acl_dim).")
+        matched = jnp.take_along_axis(embed, idx[-1][:, :, None], axis=1)
+        lesion = valid & (classes >= 1)  # target 0 / class 0 is the liver
+        e = matched.reshape(-1, matched.shape[-1])
+        lab, val = classes.reshape(-1), lesion.reshape(-1)
+        acl = contrastive.contrastive_loss(e, lab, val, memory,
+                                           cl.temperature, cl.others_class,
+                                           cl.contrastive)
+        new_memory = contrastive.update_memory(memory, e, lab, val)
+        total = total + cl.acl_weight * acl
+        metrics["loss_acl"] = acl
+        metrics["memory_fill"] = jnp.mean(
+            new_memory["valid"].astype(jnp.float32))
+    metrics["loss"] = total
+    return total, {"metrics": metrics, "memory": new_memory}

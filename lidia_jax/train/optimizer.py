@@ -1,0 +1,95 @@
+"""Optimiser: AdamW with gradient clipping and a warmup + decay schedule,
+optionally wrapped in sharpness-aware minimisation (SAM, Foret et al. 2021),
+which LIDIA uses for its final model (paper section 2, Table 3)."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def make_schedule(optim_cfg, num_steps):
+    """Learning-rate schedule: linear warmup to optim_cfg.lr over
+    optim_cfg.warmup_steps, then
+      poly:     lr * (1 - s / S)^0.9 (nnU-Net), S = num_steps - warmup,
+      cosine:   cosine decay to 0 over S,
+      constant: lr.
+    """
+    lr = float(optim_cfg.lr)
+    warmup = int(optim_cfg.warmup_steps)
+    decay_steps = max(int(num_steps) - warmup, 1)
+    name = optim_cfg.schedule
+    if name == "poly":
+        decay = optax.polynomial_schedule(lr, 0.0, 0.9, decay_steps)
+    elif name == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps)
+    elif name == "constant":
+        decay = optax.constant_schedule(lr)
+    else:
+        raise ValueError(f"config.optim.schedule={name!r}; expected 'poly', "
+                         f"'cosine' or 'constant'.")
+    if warmup <= 0:
+        return decay
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def sam(base, rho, eps=1e-12):
+    """SAM around `base`: g_sam = grad L(w + rho g / (||g|| + eps)), then the
+    base update with g_sam at the unperturbed w.
+
+    Unlike optax.contrib.sam (whose `normalize` divides by ||g|| without an
+    epsilon, NaN on a zero gradient, and which needs two outer steps per
+    update in its default mode), both passes happen in one `update` call.
+
+    `update(grads, state, params, *, grad_fn)`: grads are the clean gradients
+    (the train step's forward pass also yields its metrics and memory bank);
+    grad_fn(params) -> gradients at `params` (pytree like grads) is called once
+    at the perturbed weights.
+    """
+    def init_fn(params):
+        return base.init(params)
+
+    def update_fn(grads, state, params=None, *, grad_fn=None, **extra_args):
+        del extra_args
+        if params is None or grad_fn is None:
+            raise ValueError("SAM (config.optim.sam=True) needs "
+                             "update(grads, state, params, grad_fn=...) with "
+                             "grad_fn(params) -> grads.")
+        norm = optax.global_norm(grads)
+        scale = rho / (norm + eps)
+        perturbed = jax.tree.map(
+            lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
+        sam_grads = grad_fn(perturbed)
+        return base.update(sam_grads, state, params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def make_optimizer(optim_cfg, num_steps):
+    """Builds the optimiser from config.optim.
+
+    Base: chain(clip_by_global_norm(grad_clip), adamw(schedule,
+    weight_decay)); with optim_cfg.sam the base is wrapped in `sam` with
+    rho = optim_cfg.sam_rho (clipping then applies to the SAM gradient).
+    Either way the call is `update(grads, state, params, grad_fn=grad_fn)`;
+    without SAM grad_fn is ignored.
+
+    Args:
+      optim_cfg: config.optim.
+      num_steps: total training steps (for the schedule).
+
+    Returns:
+      optax.GradientTransformationExtraArgs.
+    """
+    if optim_cfg.name != "adamw":
+        raise ValueError(f"config.optim.name={optim_cfg.name!r}; only "
+                         f"'adamw' is implemented.")
+    parts = []
+    if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
+    parts.append(optax.adamw(make_schedule(optim_cfg, num_steps),
+                             weight_decay=float(optim_cfg.weight_decay)))
+    base = optax.chain(*parts)
+    if optim_cfg.sam:
+        return sam(base, float(optim_cfg.sam_rho))
+    return optax.with_extra_args_support(base)
