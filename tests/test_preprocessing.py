@@ -278,3 +278,43 @@ def test_process_pool_gives_the_same_cache(tmp_path):
         a, b = serial.load(name), pooled.load(name)
         np.testing.assert_array_equal(a["image"], b["image"])
         assert a["meta"] == b["meta"]
+
+
+def test_intensity_stats_from_a_sample_when_the_cohort_is_large(tmp_path, monkeypatch):
+    root = make_cohort(tmp_path / "ds", n_tr=4, n_ts=0)
+    monkeypatch.setattr(pp, "FG_VOXELS_TOTAL", 300)  # 100 per training case (3 train, 1 val)
+    cache = _run(root, tmp_path, _cfg())
+    train = cache.case_names("train")
+    assert len(train) == 3 and cache.intensity["count"] == [300] * 4
+    full = []
+    for name in train:
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "labelsTr" / f"{name}.nii.gz")))
+        img = sitk.GetArrayFromImage(sitk.ReadImage(str(root / "imagesTr" / f"{name}_0002.nii.gz")))
+        full.append(img[lab > 0])
+    full = np.concatenate(full)
+    assert full.size > 300
+    # A uniform sample: its mean within 4 standard errors of the full foreground mean.
+    assert abs(cache.intensity["mean"][2] - full.mean()) < 4 * full.std() / np.sqrt(300)
+    assert full.min() <= cache.intensity["lo"][2] < cache.intensity["hi"][2] <= full.max()
+
+
+def test_restore_array_carries_channels_and_drop_delayed_applies_at_inference(tmp_path):
+    root = make_cohort(tmp_path / "ds", n_tr=3, n_ts=1, direction=OBLIQUE)
+    c = _cfg(target_spacing=(4.0, 2.0, 2.0))
+    c.data.drop_delayed = True
+    cache = _run(root, tmp_path, c)
+    case = cache.load("tr0")
+    geom = case["meta"]["geometry"]
+    rng = np.random.default_rng(0)
+    probs = rng.random(tuple(case["meta"]["shape"]) + (3,)).astype(np.float32)
+    restored = geo.restore_array(probs, geom, order=1)
+    for k in range(3):
+        one = sitk.GetArrayFromImage(geo.to_original(probs[..., k], geom, is_label=False))
+        np.testing.assert_allclose(restored[..., k], one, atol=1e-6)
+    assert restored.shape == SHAPE + (3,)
+    # A new case with a delayed phase, preprocessed with a plan trained without D.
+    files = sorted((root / "imagesTs").glob("ts0_*"))
+    loaded = contract.load_case(contract.find_case_files(files))
+    assert loaded.phase_mask[3]
+    image, _, _, meta = pp.preprocess_case(loaded, cache.plan)
+    assert meta["phase_mask"] == [True, True, True, False] and not np.any(image[..., 3])

@@ -234,21 +234,22 @@ def resize(array: np.ndarray, new_shape: Sequence[int], order: int,
 
 
 def restore_array(array: np.ndarray, geometry: dict, order: int = 0) -> np.ndarray:
-    """Preprocessed-grid array [D, H, W] -> array [D, H, W] on the venous input's index grid.
+    """Preprocessed-grid array [D, H, W, ...] -> array [D', H', W', ...] on the venous input's
+    index grid (SimpleITK's array order of the venous file).
 
-    Undoes, in reverse order: spacing resampling (order 0 for labels, 1 for probabilities), the
-    body crop (outside it: 0), canonicalisation. Trailing channel axes are not supported: call
-    once per channel.
+    Undoes, in reverse order: spacing resampling (order 0 for labels, 1 for probabilities; same
+    pixel-centre mapping and separate-z rule as the forward pass), the body crop (outside it: 0),
+    canonicalisation. Trailing axes (e.g. classes of [D, H, W, C] probabilities) are carried.
     """
-    if array.ndim != 3:
-        raise ValueError(f"expected a [D, H, W] array, got shape {array.shape}")
-    if list(array.shape) != list(geometry["resampled_shape"]):
-        raise ValueError(f"array shape {array.shape} differs from the preprocessed shape "
+    if array.ndim < 3 or list(array.shape[:3]) != list(geometry["resampled_shape"]):
+        raise ValueError(f"array shape {array.shape} does not start with the preprocessed shape "
                          f"{tuple(geometry['resampled_shape'])} recorded in the geometry")
     bbox = geometry["crop_bbox"]
-    crop_shape = [hi - lo for lo, hi in bbox]
-    restored = resize(array, crop_shape, order, geometry.get("separate_z_axis"))
-    full = np.zeros(geometry["canonical"]["shape"], dtype=restored.dtype)
+    extra = list(array.shape[3:])
+    crop_shape = [hi - lo for lo, hi in bbox] + extra
+    separate = geometry.get("separate_z_axis") if order > 0 else None
+    restored = resize(array, crop_shape, order, separate)
+    full = np.zeros(list(geometry["canonical"]["shape"]) + extra, dtype=restored.dtype)
     full[tuple(slice(lo, hi) for lo, hi in bbox)] = restored
     return from_canonical(full, geometry["canonical"])
 
@@ -257,7 +258,11 @@ def to_original(array: np.ndarray, geometry: dict, is_label: bool = True) -> sit
     """Array [D, H, W] on the preprocessed grid -> sitk.Image in the venous input's geometry.
 
     The returned image has exactly the venous file's size, spacing, origin and direction.
-    Labels use nearest neighbour; anything else (probabilities) linear interpolation.
+    Labels use nearest neighbour; anything else (probabilities) linear interpolation. For
+    [D, H, W, C] arrays use `restore_array` (numpy) instead.
     """
+    if array.ndim != 3:
+        raise ValueError(f"to_original takes a [D, H, W] array, got shape {array.shape}; use "
+                         "restore_array for arrays with channels")
     out = restore_array(array, geometry, order=0 if is_label else 1)
     return image_from_array(out, geometry["original"])
