@@ -97,8 +97,8 @@ OTHERS_SUBTYPES = {"abscess": 0.25, "adenoma": 0.25, "AML": 0.2, "lymphoma": 0.1
 # Patient-level choice of the main diagnosis, then the number of lesions of that class; cysts,
 # hemangiomas and calcifications come as incidental extra findings. Lesion-level prevalence ends
 # near: cyst 25%, HCC 20%, meta 20%, heman 12%, ICC/FNH/others 5-6%, calc 6%.
-MAIN_CLASS_PROB = {"HCC": 0.23, "cyst": 0.18, "meta": 0.15, "heman": 0.12, "ICC": 0.09,
-                   "FNH": 0.08, "calc": 0.05, "others": 0.10}
+MAIN_CLASS_PROB = {"HCC": 0.28, "cyst": 0.17, "meta": 0.13, "heman": 0.10, "ICC": 0.08,
+                   "FNH": 0.07, "calc": 0.05, "others": 0.12}
 MAIN_CLASS_COUNT = {"HCC": (1, 3), "ICC": (1, 2), "meta": (2, 8), "heman": (1, 3),
                     "FNH": (1, 2), "cyst": (1, 4), "calc": (1, 2), "others": (1, 1)}
 INCIDENTAL_PROB = 0.45
