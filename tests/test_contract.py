@@ -225,6 +225,11 @@ def test_instance_file_is_used(tmp_path):
     assert case.instance_classes == {1: 7, 5: 2}
     # Voxels between the blobs are liver: instance 5 keeps them (only lesion codes vote).
     assert case.instances[2, 3, 6] == 5
+    # A lesion the instance file forgets becomes an instance of its own.
+    inst[3, 6, 5] = 0
+    _write(root / "instancesTr" / "c0.nii.gz", inst)
+    case = _load(root, "c0")
+    assert case.instance_classes == {5: 2, 6: 7} and case.instances[3, 6, 5] == 6
 
 
 @pytest.mark.parametrize("ending", [".nii", ".mha", ".nrrd"])

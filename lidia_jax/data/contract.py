@@ -488,6 +488,12 @@ def load_case(case_files: CaseFiles, dataset: Optional[Dataset] = None,
             if inst.min() < 0 or inst.max() > np.iinfo(np.uint16).max:
                 raise CaseError(case_files.instance, "instance ids must lie in 0..65535")
             instances = geo.to_canonical(inst.astype(np.uint16), canonical)
+            # Lesion voxels the instance file leaves at 0 would vanish from the lesion targets:
+            # they become instances of their own, one per connected component and class.
+            loose = (label >= FIRST_LESION_CODE) & (instances == 0)
+            if loose.any():
+                extra = connected_instances(np.where(loose, label, 0))
+                instances[loose] = extra[loose] + int(instances.max())
         else:
             instances = connected_instances(label)
         classes = instance_classes(instances, label)
