@@ -10,6 +10,7 @@ import math
 import grain
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from conftest import load_config
 from lidia_jax.data import augment, patches, pipeline
@@ -149,7 +150,7 @@ def test_pipeline_lesion_rate_matches_fg_prob(cache):
                     hits += bool((seg[z:z + PATCH[0], y:y + PATCH[1], x:x + PATCH[2]] >= 2).any())
                     total += 1
         q.append(hits / total)
-    n = 120 * N_TRAIN  # 120 epochs: every case equally often
+    n = 80 * N_TRAIN  # 80 epochs: every case equally often
     it = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1, seed=3)
     has_lesion = [bool((next(it)["semantic"] >= 2).any()) for _ in range(n)]
     # Case 1 has no lesion: its foreground draws go to the liver, never to a lesion.
@@ -296,6 +297,40 @@ def test_extract_rotation_keeps_labels_aligned_and_shifts_one_phase():
         assert img[o + (2,)] == pytest.approx(f(*s), abs=1e-3)
         assert img[o + (0,)] == pytest.approx(f(*(s + shifts[0])), abs=1e-3)
     assert not img[..., 3].any()
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_extract_matches_scipy_affine_transform_at_case_borders(coupled):
+    """Reference: scipy.ndimage.affine_transform per channel on the whole case, zeros outside."""
+    rng = np.random.default_rng(8)
+    shape = (9, 17, 15)
+    image = rng.standard_normal(shape + (4,)).astype(np.float32)
+    seg = rng.integers(0, 10, shape).astype(np.uint8)
+    inst = rng.integers(0, 300, shape).astype(np.uint16)
+    angle, zoom = np.deg2rad(-17.0), 0.87
+    m = np.eye(3)
+    m[1:, 1:] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    m[1] = -m[1]  # a flip of y as well
+    m /= zoom
+    if coupled:  # z mixed with y: the general (scipy) path
+        m[0, 1] = m[1, 0] = 0.1
+    shifts = np.array([[0, 1, -1], [1, 0, 0], [0, 0, 0], [0, 0, 0]])
+    mask = np.array([True, True, True, False])
+    patch, start = (7, 12, 10), np.array([4, -3, 9])  # beyond the case on several sides
+    img, seg_p, inst_p = augment.extract(image, seg, inst, start, patch, mask, m, shifts)
+    c = (np.array(patch) - 1) / 2
+    offset = start + c - m @ c
+    for ch in range(4):
+        ref = np.zeros(patch, np.float32) if not mask[ch] else ndimage.affine_transform(
+            image[..., ch], m, offset=offset + shifts[ch], output_shape=patch, order=1,
+            mode="grid-constant", prefilter=False)
+        np.testing.assert_allclose(img[..., ch], ref, atol=1e-5)
+    for got, lab in ((seg_p, seg), (inst_p, inst)):
+        ref = ndimage.affine_transform(lab, m, offset=offset, output_shape=patch, order=0,
+                                       mode="grid-constant")
+        np.testing.assert_array_equal(got, ref)
+        assert got.dtype == lab.dtype
+    assert (seg_p == 0).any() and (img[..., 2] == 0).any()  # the patch does reach outside
 
 
 def test_pipeline_augmented_image_and_labels_aligned(cache):
