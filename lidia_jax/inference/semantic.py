@@ -20,6 +20,8 @@ probability in [0, 1].
 Per-voxel head: softmax of seg_logits over the 10 label codes.
 """
 
+import dataclasses
+import functools
 import itertools
 from typing import Callable, Sequence
 
@@ -107,42 +109,64 @@ def mirror_combinations(mirror_axes: Sequence[int]):
     return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def _predict_tiles(variables, tiles, phase_mask, *, apply_fn, head, tile_shape, mirror_axes):
+    probs_sum, aux_max = None, None
+    flips = [()] + mirror_combinations(mirror_axes)
+    for axes in flips:
+        x = jnp.flip(tiles, axes) if axes else tiles
+        probs, aux = outputs_to_probs(apply_fn(variables, x, phase_mask), head, tile_shape)
+        probs = jnp.flip(probs, axes) if axes else probs
+        probs_sum = probs if probs_sum is None else probs_sum + probs
+        if aux is not None:
+            aux_max = aux if aux_max is None else jnp.maximum(aux_max, aux)
+    return probs_sum / len(flips), aux_max
+
+
+# One jitted function for the whole process: jit's cache is keyed on the static arguments, so
+# every call site that asks for the same model and settings reuses the same compilation (e.g. the
+# periodic validation of the training loop).
+_predict_tiles_jit = jax.jit(_predict_tiles,
+                             static_argnames=("apply_fn", "head", "tile_shape", "mirror_axes"))
+
+
 def make_tile_predictor(apply_fn: Callable, head: str, tile_shape: Sequence[int],
                         mirror_axes: Sequence[int] = ()) -> Callable:
-    """One jitted function (variables, tiles, phase_mask) -> (probs, aux) for all cases.
+    """A jitted function (variables, tiles, phase_mask) -> (probs, aux), one for all cases.
 
-    apply_fn(variables, image [B, pz, py, px, 4], phase_mask [B, 4]) -> model outputs dict.
-    Mirroring TTA averages the probabilities of the plain and every mirrored pass (each flipped
-    back), and takes the max of the query evidence. Jit retraces only for a new tile batch shape.
+    apply_fn(variables, image [B, pz, py, px, 4], phase_mask [B, 4]) -> model outputs dict; it
+    must be hashable (it is a static argument of jit). Mirroring TTA averages the probabilities
+    of the plain and every mirrored pass (each flipped back) and takes the max of the query
+    evidence. XLA compiles once per tile batch shape.
     """
-    tile_shape = tuple(int(s) for s in tile_shape)
-    flips = [()] + mirror_combinations(mirror_axes)
+    mirror_combinations(mirror_axes)  # validate early
+    return functools.partial(_predict_tiles_jit, apply_fn=apply_fn, head=head,
+                             tile_shape=tuple(int(s) for s in tile_shape),
+                             mirror_axes=tuple(int(a) for a in mirror_axes))
 
-    def predict(variables, tiles, phase_mask):
-        probs_sum, aux_max = None, None
-        for axes in flips:
-            x = jnp.flip(tiles, axes) if axes else tiles
-            probs, aux = outputs_to_probs(apply_fn(variables, x, phase_mask), head, tile_shape)
-            probs = jnp.flip(probs, axes) if axes else probs
-            probs_sum = probs if probs_sum is None else probs_sum + probs
-            if aux is not None:
-                aux_max = aux if aux_max is None else jnp.maximum(aux_max, aux)
-        return probs_sum / len(flips), aux_max
 
-    return jax.jit(predict)
+@dataclasses.dataclass(frozen=True)
+class _EvalApply:
+    """model.apply in eval mode; hashable by the module's configuration (flax modules are)."""
+
+    model: object
+
+    def __call__(self, variables, image, phase_mask):
+        return self.model.apply(variables, image, phase_mask, train=False)
 
 
 def model_tile_predictor(model, config) -> Callable:
     """make_tile_predictor for a flax model built from config.model (eval mode)."""
-
-    def apply_fn(variables, image, phase_mask):
-        return model.apply(variables, image, phase_mask, train=False)
-
-    return make_tile_predictor(apply_fn, config.model.head, config.input.patch_size,
+    return make_tile_predictor(_EvalApply(model), config.model.head, config.input.patch_size,
                                config.inference.mirror_axes)
+
+
+def as_variables(params_or_variables):
+    """Accepts a params tree or a full variables dict {"params": ...}; returns the latter."""
+    if isinstance(params_or_variables, dict) and "params" in params_or_variables:
+        return params_or_variables
+    return {"params": params_or_variables}
 
 
 def bind(tile_predictor: Callable, variables) -> Callable:
     """Closes a tile predictor over variables: (tiles, phase_mask) -> (probs, aux), no retrace."""
     return lambda tiles, phase_mask: tile_predictor(variables, tiles, phase_mask)
-

@@ -1,0 +1,169 @@
+"""Evaluation of a trained model: on a labelled dataset folder, or on preprocessed cache cases.
+
+run_evaluate: the dataset's labelled test cases (imagesTs with labelsTs) if it has any, else its
+  labelled training cases; predicts them exactly as `predict` does (files written under
+  OUTPUT/predictions) and scores the written files against the label files in the ORIGINAL
+  venous geometry. True instances come from instancesT? when present, else from connected
+  components per lesion class (data contract).
+evaluate_cache: cases of the preprocessing cache, scored on the preprocessed grid (no resampling
+  back): fast, for the training loop's periodic validation and its final test report.
+Metric definitions: lidia_jax/evaluation/metrics.py.
+"""
+
+import pathlib
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from lidia_jax.data import contract
+from lidia_jax.data import geometry as geo
+from lidia_jax.evaluation import metrics as metrics_lib
+from lidia_jax.evaluation import report as report_lib
+from lidia_jax.inference import diagnose as diagnose_lib
+from lidia_jax.inference import predict as predict_lib
+from lidia_jax.inference import semantic
+
+
+def _summarize(records, config):
+    return metrics_lib.summarize(records, diagnose_lib.lesion_names(config),
+                                 tuple(config.data.malignant), tuple(config.data.benign))
+
+
+def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
+                   max_cases: int = -1, report_dir=None, log: Callable[[str], None] = print,
+                   tile_predictor=None) -> dict:
+    """Metrics of `params` on preprocessed cases (the cache's grid).
+
+    Args:
+      model: the flax module (build_model(config.model)); params: its params tree (or variables).
+      cache: data.preprocessing.Cache; case_names: cases to score (unlabelled ones are skipped).
+      max_cases: score only the first max_cases cases (<= 0: all).
+      report_dir: if given, write metrics.json, report.md and figures there.
+    Returns:
+      metrics.summarize dict (scalars auc8, auc2, lesion_* at the top level).
+    """
+    predictor = tile_predictor or semantic.model_tile_predictor(model, config)
+    tile_fn = semantic.bind(predictor, semantic.as_variables(params))
+    names = list(case_names)[:max_cases] if max_cases and max_cases > 0 else list(case_names)
+    records, overlays = [], []
+    t0 = time.perf_counter()
+    for case in names:
+        data = cache.load(case)
+        if data["seg"] is None:
+            log(f"evaluate: {case} has no labels in the cache; skipped")
+            continue
+        meta = data["meta"]
+        diag = diagnose_lib.diagnose_volume(data["image"], meta["phase_mask"], tile_fn,
+                                            meta["spacing"], config)
+        gt_classes = {int(k): int(v) for k, v in meta["instance_classes"].items()}
+        records.append(metrics_lib.case_record(
+            case, np.asarray(data["seg"]), np.asarray(data["inst"]), gt_classes, diag.seg,
+            diag.instances, diagnose_lib.instance_classes(diag.lesions),
+            diag.patient_probabilities, diag.malignancy_probability,
+            config.eval.lesion_iou_threshold,
+            patient_codes=meta.get("patient_classes", sorted(set(gt_classes.values())))))
+        if report_dir is not None and len(overlays) < config.eval.num_overlays:
+            image = np.asarray(data["image"])
+            overlays.append({"case": case, "gt": np.asarray(data["seg"]), "pred": diag.seg,
+                             "images": {p: (image[..., c] if meta["phase_mask"][c] else None)
+                                        for c, p in enumerate(contract.PHASES)}})
+    summary = _summarize(records, config)
+    summary["seconds"] = time.perf_counter() - t0
+    if report_dir is not None:
+        report_lib.write_report(summary, report_dir, overlays,
+                                notes=["Scored on the preprocessed grid (cache), not the "
+                                       "original geometry."])
+    return summary
+
+
+def labelled_cases(dataset: contract.Dataset):
+    """Labelled test cases if the dataset has any, else labelled training cases; with the split."""
+    for split in ("Ts", "Tr"):
+        cases = [c for c in dataset.cases[split] if c.label is not None]
+        if cases:
+            return cases, split
+    raise contract.DatasetError(dataset.root, "no labelled case: evaluation needs labelsTs/ "
+                                "(or labelsTr/) files named like the images' CASE")
+
+
+def _truth(case_files: contract.CaseFiles):
+    """Label and instance maps in the files' own (original) array order, and instance classes."""
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case_files.label))).astype(np.uint8)
+    if case_files.instance is not None:
+        inst = sitk.GetArrayFromImage(sitk.ReadImage(str(case_files.instance))).astype(np.uint16)
+    else:
+        inst = contract.connected_instances(label)
+    classes = contract.instance_classes(inst, label)
+    inst[(inst > 0) & ~np.isin(inst, list(classes))] = 0
+    return label, inst, classes
+
+
+def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
+                 log: Callable[[str], None] = print, tile_predictor=None) -> dict:
+    """Predicts and scores a labelled dataset folder in the original geometry (see module doc).
+
+    Writes OUTPUT/predictions/CASE_* (as predict), OUTPUT/metrics.json, report.md and figures.
+    Returns the metrics summary ({} when no case could be scored).
+    """
+    output_dir = pathlib.Path(output_dir)
+    dataset = contract.read_dataset(input_dir)
+    cases, split = labelled_cases(dataset)
+    log(f"evaluating {len(cases)} labelled cases of images{split} in {dataset.root}")
+    predictor = tile_predictor or semantic.model_tile_predictor(model, config)
+    tile_fn = semantic.bind(predictor, semantic.as_variables(variables))
+    pred_dir = output_dir / "predictions"
+    records, overlays, failed = [], [], {}
+    for i, case in enumerate(cases, start=1):
+        try:
+            report = predict_lib.predict_case(case, dataset, plan, tile_fn, config, pred_dir)
+            gt_seg, gt_inst, gt_classes = _truth(case)
+            pred_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir
+                                                                 / f"{case.name}_seg.nii.gz")))
+            pred_inst = sitk.GetArrayFromImage(sitk.ReadImage(
+                str(pred_dir / f"{case.name}_instances.nii.gz")))
+        except contract.CaseError as e:
+            failed[case.name] = str(e)
+            log(f"[{i}/{len(cases)}] {case.name}: FAILED {e.file}: {e.message}")
+            continue
+        code = {n: c for c, n in enumerate(config.data.labels)}
+        pred_classes = {l["id"]: code[l["class"]] for l in report["lesions"]}
+        names = diagnose_lib.lesion_names(config)
+        records.append(metrics_lib.case_record(
+            case.name, gt_seg, gt_inst, gt_classes, pred_seg, pred_inst, pred_classes,
+            [report["patient_probabilities"][n] for n in names],
+            report["malignancy_probability"], config.eval.lesion_iou_threshold))
+        log(f"[{i}/{len(cases)}] {case.name}: {len(gt_classes)} true / "
+            f"{len(pred_classes)} predicted lesions")
+        if len(overlays) < config.eval.num_overlays:
+            loaded = contract.load_case(case, dataset, True, False)
+            overlays.append({"case": case.name, "images": loaded.images,
+                             "gt": geo.to_canonical(gt_seg, loaded.canonical),
+                             "pred": geo.to_canonical(pred_seg, loaded.canonical)})
+    if not records:
+        log("evaluation: no case could be scored")
+        return {}
+    summary = _summarize(records, config)
+    summary["failed_cases"] = failed
+    notes = [f"Dataset {dataset.root}, images{split}; scored in the original venous geometry.",
+             f"Patient score: {config.inference.patient_score}; lesion IoU threshold "
+             f"{config.eval.lesion_iou_threshold}."]
+    if failed:
+        notes.append("Failed cases: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    report_lib.write_report(summary, output_dir, overlays, notes=notes)
+    log(f"AUC-8 {summary['auc8']:.4f}, AUC-2 {summary['auc2']:.4f}, lesion Dice "
+        f"{summary['lesion_dice']:.4f}; report {output_dir / 'report.md'}")
+    return summary
+
+
+def evaluate_from_workdir(config, workdir, input_dir, output_dir, log=print) -> dict:
+    """CLI entry (lidia_jax.main --mode=evaluate): trained workdir -> run_evaluate."""
+    from lidia_jax import model as model_lib
+    from lidia_jax.train import checkpoint as ckpt
+
+    plan = predict_lib.load_plan(workdir)
+    params, step = ckpt.restore_params(workdir, config.inference.checkpoint)
+    log(f"evaluating the {config.inference.checkpoint} checkpoint (step {step}) of {workdir}")
+    model = model_lib.build_model(config.model)
+    return run_evaluate(config, {"params": params}, model, input_dir, output_dir, plan, log)

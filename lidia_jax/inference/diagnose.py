@@ -1,0 +1,102 @@
+"""One preprocessed case -> probabilities, post-processed lesions and the patient-level diagnosis.
+
+Shared by `predict` (files out, original geometry) and `evaluation.evaluate` (metrics, either
+in the original geometry or directly on the preprocessed grid for periodic validation).
+"""
+
+import dataclasses
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from lidia_jax.inference import patient_scores
+from lidia_jax.inference import postprocess as postprocess_lib
+from lidia_jax.inference import sliding_window
+
+
+@dataclasses.dataclass
+class Diagnosis:
+    probs: np.ndarray  # [D, H, W, 10] per-voxel probabilities over label codes (float16)
+    seg: np.ndarray  # [D, H, W] uint8 post-processed label codes (preprocessed grid)
+    instances: np.ndarray  # [D, H, W] uint16 lesion ids 1..K (preprocessed grid)
+    lesions: list  # postprocess dicts, "label" = lesion code
+    patient_probabilities: np.ndarray  # [8] lesion classes HCC..others
+    malignancy_probability: float
+    seconds: dict  # wall time of the stages
+
+
+def label_names(config) -> tuple:
+    return tuple(config.data.labels)
+
+
+def lesion_names(config) -> tuple:
+    return tuple(config.data.labels)[2:]
+
+
+def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Callable,
+                    spacing: Sequence[float], config) -> Diagnosis:
+    """Sliding window + post-processing + patient score for one preprocessed case.
+
+    Args:
+      image: [D, H, W, 4] float32 normalised volume (cache image.npy / preprocess_case).
+      phase_mask: [4] bool.
+      tile_fn: bound tile predictor (semantic.bind(model_tile_predictor(...), variables)).
+      spacing: (z, y, x) mm of the preprocessed grid.
+      config: the full config (input.patch_size, inference.*, data.labels / malignant).
+    """
+    inf = config.inference
+    t0 = time.perf_counter()
+    res = sliding_window.sliding_window_inference(
+        np.asarray(image, np.float32), np.asarray(phase_mask, bool), tile_fn,
+        config.input.patch_size, inf.tile_batch, inf.overlap, inf.gaussian_sigma_scale,
+        out_dtype=np.dtype(inf.get("probs_dtype", "float16")))
+    t1 = time.perf_counter()
+    labels = np.argmax(res.probs, axis=-1).astype(np.uint8)
+    pp = postprocess_lib.postprocess(labels, res.probs, spacing, inf.min_lesion_volume_mm3,
+                                     inf.max_liver_distance_mm)
+    del labels
+    t2 = time.perf_counter()
+    names = label_names(config)
+    lesion = lesion_names(config)
+    malignant = tuple(config.data.malignant)
+    method = inf.patient_score
+    if method == "livermax":
+        per_class, malignancy = patient_scores.livermax_scores(
+            res.probs, pp.seg >= 1, tuple(names.index(n) for n in malignant))
+    elif method == "volume":
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        lesions = [{"class": names[l["label"]], "volume_ml": l["voxels"] * voxel_ml}
+                   for l in pp.lesions]
+        per_class, malignancy = patient_scores.volume_scores(lesions, lesion, malignant,
+                                                             inf.volume_scale_ml)
+    elif method == "query_max":
+        per_class, malignancy = patient_scores.query_max_scores(res.aux, lesion, malignant)
+    else:
+        raise ValueError(f"config.inference.patient_score={method!r}; expected livermax, "
+                         "volume or query_max")
+    t3 = time.perf_counter()
+    return Diagnosis(probs=res.probs, seg=pp.seg, instances=pp.instances, lesions=pp.lesions,
+                     patient_probabilities=np.asarray(per_class, float),
+                     malignancy_probability=float(malignancy),
+                     seconds={"sliding_window": t1 - t0, "postprocess": t2 - t1,
+                              "patient_score": t3 - t2, "tiles": res.num_tiles})
+
+
+def instance_classes(lesions: Sequence[dict]) -> dict:
+    """{lesion id: label code} of post-processed lesions."""
+    return {int(l["id"]): int(l["label"]) for l in lesions}
+
+
+def lesion_report(lesion: dict, measures: Optional[dict], names: Sequence[str]) -> dict:
+    """One entry of CASE.json["lesions"] (data contract)."""
+    lesion_cls = list(names)[2:]
+    out = {"id": int(lesion["id"]), "class": names[lesion["label"]],
+           "score": round(float(lesion["score"]), 6),
+           "class_probabilities": {n: round(float(p), 6)
+                                   for n, p in zip(lesion_cls, lesion["class_probabilities"])}}
+    if measures is not None:
+        out.update({"volume_ml": round(measures["volume_ml"], 6),
+                    "centroid_mm": [round(float(c), 4) for c in measures["centroid_mm"]],
+                    "max_diameter_mm": round(measures["max_diameter_mm"], 4)})
+    return out
