@@ -21,7 +21,8 @@ array axis x runs toward the patient's left, y toward posterior, z toward superi
   5. orientation: some studies are stored with flipped or permuted axes (the image content is
      moved with the header, so canonicalising by the direction cosines restores the anatomy), and
      some have one phase on another grid (origin, size, spacing or direction) to exercise the
-     reader's resampling. Labels and instances are on the venous grid.
+     reader's resampling. Labels and instances are on the venous grid; label 1 (liver) includes
+     the intrahepatic portal and hepatic veins and bile ducts, not the IVC or the gallbladder.
 
 Everything is vectorised numpy/scipy.ndimage on bounding boxes; smooth random fields are drawn on
 coarse grids and upsampled. A case is seeded by (seed, index), so the cohort does not depend on
@@ -32,10 +33,9 @@ import concurrent.futures
 import dataclasses
 import json
 import math
-import os
+import multiprocessing
 import pathlib
 import time
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -684,7 +684,8 @@ def _render_lesions(rng, placed, tissue, grid):
             continue
         x, y, z = grid.coords(sl)
         d = np.stack(np.broadcast_arrays(x - c[0], y - c[1], z - c[2]), axis=-1)
-        u = d @ shape["rot"].astype(np.float32) / (r * shape["ratios"]).astype(np.float32)  # local, per-axis normalised
+        # Local coordinates, normalised per axis: rot^T (p - c) / (r * ratios).
+        u = d @ shape["rot"].astype(np.float32) / (r * shape["ratios"]).astype(np.float32)
         rad = np.linalg.norm(u, axis=-1)
         dirs = u / np.maximum(rad, 1e-6)[..., None]
         bump = np.zeros(rad.shape, np.float32)
@@ -814,11 +815,16 @@ def _render_clean(rng, grid, tissue, lut):
 def _acquire(rng, clean, grid, shift_vox, noise_std):
     """Partial-volume blur, misregistration shift (voxels, z y x), correlated noise -> int16."""
     sz, sy, sx = grid.spacing
-    img = ndimage.gaussian_filter(clean, sigma=(0.45, 0.55, 0.55), mode="nearest")
+    # The in-plane point spread (~0.8 mm) and noise grain (~1 mm) of a standard reconstruction
+    # kernel are fixed in mm, so fine grids get wider kernels in voxels; never below ~half a
+    # voxel, so coarse grids keep some partial volume and correlated noise.
+    blur = (0.45, max(0.5, 0.8 / sy), max(0.5, 0.8 / sx))
+    img = ndimage.gaussian_filter(clean, sigma=blur, mode="nearest")
     if np.any(shift_vox):
         img = ndimage.shift(img, shift_vox, order=1, mode="nearest")
     noise = rng.standard_normal(grid.shape).astype(np.float32)
-    noise = ndimage.gaussian_filter(noise, sigma=(0.5, 0.9, 0.9), mode="wrap")
+    grain = (0.5, max(0.6, 1.0 / sy), max(0.6, 1.0 / sx))
+    noise = ndimage.gaussian_filter(noise, sigma=grain, mode="wrap")
     noise *= noise_std / max(float(noise.std()), 1e-6)
     img += noise
     return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
@@ -1023,7 +1029,9 @@ def make_cohort(out_dir, cases, seed, size="demo", test_fraction=0.25, workers=1
     jobs = [(str(out_dir), seed, i, size, "Ts" if i in held_out else "Tr")
             for i in range(cases)]
     if workers > 1:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
+        # spawn, not fork: the caller may hold JAX's threads, which fork would copy mid-flight.
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             infos = list(pool.map(_make_and_write, jobs, chunksize=1))
     else:
         infos = [_make_and_write(j) for j in jobs]
