@@ -404,6 +404,14 @@ def test_two_processes_get_disjoint_shards_covering_the_data(cache):
     single = _take(it, steps)
     for k in range(steps):
         assert _case_ids([single[k]]) == [shards[0][k], shards[1][k]]
+    # A single-process state resumes each of two processes at the same global step.
+    state = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1,
+                                         seed=11).get_state()
+    state["step"] = 1
+    for p in range(2):
+        it = pipeline.make_train_iterator(cache, config, process_index=p, process_count=2, seed=11)
+        it.set_state(state)
+        assert _case_ids(_take(it, 2)) == shards[p][1:3]
     with pytest.raises(ValueError, match="not divisible"):
         pipeline.make_train_iterator(cache, _config(batch_size=3), process_index=0,
                                      process_count=2)
@@ -444,20 +452,21 @@ def test_seed_determinism_and_state_restore(cache, tmp_path):
     _assert_same(expected, _take(fresh, 2))
 
 
-def test_worker_processes_give_the_same_stream(cache):
+def test_worker_processes_give_the_same_stream_and_state(cache):
     config = _config(augment_on=True)
-    it0 = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1, seed=9)
+    make = lambda: pipeline.make_train_iterator(cache, config, process_index=0, process_count=1,
+                                                seed=9)
+    it0 = make()
     config.input.num_workers = 1
-    it1 = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1, seed=9)
+    it1 = make()
     try:
         _assert_same(_take(it0, 2), _take(it1, 2))
-        state = it1.get_state()
-        expected = _take(it0, 2)
-        _assert_same(expected, _take(it1, 2))
     finally:
         it1.close()
-    # A fresh worker iterator restored from the state resumes the same sequence.
-    it2 = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1, seed=9)
+    # The state of the in-process iterator resumes a worker-process one exactly.
+    state = it0.get_state()
+    expected = _take(it0, 2)
+    it2 = make()
     try:
         it2.set_state(state)
         _assert_same(expected, _take(it2, 2))

@@ -10,7 +10,8 @@ Pipeline (grain.MapDataset, every step a pure function of the element index):
 The random patch of global element i is drawn from a generator seeded by (seed, i), and the global
 batch of step k is elements [k B, (k + 1) B) whatever the process count; process p holds the
 elements p, p + P, ... of it. Batches are formed before the worker split, so the stream is the same
-for any number of workers, and the iterator state (a step counter per worker) restores exactly.
+for any number of workers, and the iterator state is just the step (TrainIterator), which restores
+exactly, even with another number of workers or processes.
 """
 
 import dataclasses
@@ -267,29 +268,78 @@ def make_train_dataset(cache_dir: PathLike, config, split: str = "train",
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
+class TrainIterator(grain.DatasetIterator):
+    """Iterator over the local batches of make_train_dataset, resumable at any step.
+
+    The state is just the global step, {"step": k}: batch k is a pure function of k (see the module
+    docstring), so a state restores exactly under any number of workers or processes (grain's own
+    mp_prefetch state is tied to the worker count). Orbax saves it through
+    grain.checkpoint.CheckpointSave / CheckpointRestore like any grain DatasetIterator.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, read_options: grain.ReadOptions,
+                 num_workers: int = 0, worker_buffer_size: int = 1):
+        super().__init__()
+        self._dataset = dataset
+        self._read_options = read_options
+        self._num_workers = int(num_workers)
+        self._worker_buffer_size = int(worker_buffer_size)
+        self._step = 0
+        self._inner = None
+
+    def _open(self):
+        it_ds = self._dataset[self._step:].to_iter_dataset(self._read_options)
+        if self._num_workers > 0:
+            _ensure_absl_flags_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._num_workers, per_worker_buffer_size=self._worker_buffer_size))
+        self._inner = iter(it_ds)
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        if self._inner is None:
+            self._open()
+        batch = next(self._inner)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> Dict[str, int]:
+        return {"step": self._step}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if "step" not in state:
+            raise ValueError(f"Not a lidia_jax input-pipeline state (expected {{'step': k}}): "
+                             f"{state}")
+        self.close()
+        self._step = int(state["step"])
+
+    def start_prefetch(self) -> None:
+        if self._inner is None:
+            self._open()
+        self._inner.start_prefetch()
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+            self._inner = None
+
+
 def make_train_iterator(cache_dir: PathLike, config, split: str = "train",
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None,
-                        seed: Optional[int] = None) -> grain.DatasetIterator:
+                        seed: Optional[int] = None) -> TrainIterator:
     """Iterator of local training batches; `get_state()` / `set_state()` resume it exactly.
 
     Workers: config.input.num_workers processes (0: in-process, read by
-    config.input.read_threads threads); config.input.prefetch batches are buffered. The state also
-    saves with orbax: `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(it))` and
-    restores with `grain.checkpoint.CheckpointRestore(it)` into a fresh iterator.
+    config.input.read_threads threads); config.input.prefetch batches are buffered (per worker).
+    The state also saves with orbax: `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(
+    it))`, restored with `grain.checkpoint.CheckpointRestore(it)` into a fresh iterator.
     Close it (`it.close()`) when done if num_workers > 0.
     """
     ds = make_train_dataset(cache_dir, config, split, process_index, process_count, seed)
     prefetch = max(int(config.input.get("prefetch", 2)), 1)
     read = grain.ReadOptions(num_threads=max(int(config.input.get("read_threads", 1)), 1),
                              prefetch_buffer_size=prefetch)
-    it_ds = ds.to_iter_dataset(read)
-    workers = int(config.input.num_workers)
-    if workers > 0:
-        _ensure_absl_flags_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=workers, per_worker_buffer_size=prefetch))
-    return iter(it_ds)
+    return TrainIterator(ds, read, int(config.input.num_workers), prefetch)
 
 
 def make_eval_cases(cache_dir: PathLike, split: str = "val",
