@@ -51,6 +51,11 @@ def hungarian(cost, valid=None):
     # Rows = targets (the smaller side), columns = queries; 1-based with a
     # dummy row/column 0 as in the textbook formulation.
     a = _sanitize(cost).T  # [M, N]
+    # Zeros that depend on the inputs: under vmap every carry is then batched
+    # (and sharded like the input) from the start, which sharding-in-types
+    # (explicit mesh axes) requires of loop carries and scatter operands.
+    zero_f = a[0, 0] * 0
+    zero_i = valid[0].astype(jnp.int32) * 0
     inf = jnp.array(jnp.inf, dtype)
     cols = jnp.arange(n_queries + 1)
 
@@ -75,7 +80,7 @@ def hungarian(cost, valid=None):
             minv = jnp.where(better, cur, minv)
             way = jnp.where(better, j0, way)
             masked = jnp.where(used, inf, minv)
-            j1 = jnp.argmin(masked)
+            j1 = jnp.argmin(masked).astype(jnp.int32)
             delta = masked[j1]
             # Potentials of the tree rows/columns move by delta; rows of
             # unused columns get +0 (p_ of an unused column is 0 or a row
@@ -85,9 +90,9 @@ def hungarian(cost, valid=None):
             minv = jnp.where(used, minv, minv - delta)
             return u_, v_, p_, used, minv, way, j1
 
-        init = (u, v, p, jnp.zeros((n_queries + 1,), bool),
-                jnp.full((n_queries + 1,), inf, dtype),
-                jnp.zeros((n_queries + 1,), jnp.int32), jnp.int32(0))
+        init = (u, v, p, jnp.zeros((n_queries + 1,), bool) & (zero_i > 0),
+                jnp.full((n_queries + 1,), inf, dtype) + zero_f,
+                jnp.zeros((n_queries + 1,), jnp.int32) + zero_i, zero_i)
         u, v, p, _, _, way, j0 = jax.lax.while_loop(search_cond, search_step,
                                                     init)
 
@@ -99,15 +104,15 @@ def hungarian(cost, valid=None):
         p, _ = jax.lax.while_loop(lambda s: s[1] != 0, augment_step, (p, j0))
         return u, v, p
 
-    state = (jnp.zeros((n_targets + 1,), dtype),
-             jnp.zeros((n_queries + 1,), dtype),
-             jnp.zeros((n_queries + 1,), jnp.int32))
+    state = (jnp.zeros((n_targets + 1,), dtype) + zero_f,
+             jnp.zeros((n_queries + 1,), dtype) + zero_f,
+             jnp.zeros((n_queries + 1,), jnp.int32) + zero_i)
     _, _, p = jax.lax.fori_loop(1, n_targets + 1, add_row, state)
 
     row_of_col = p[1:]  # [N], 1-based target of each query, 0 if free
-    assigned = jnp.zeros((n_targets,), jnp.int32).at[
+    assigned = (jnp.zeros((n_targets,), jnp.int32) + zero_i).at[
         jnp.where(row_of_col > 0, row_of_col - 1, n_targets)].set(
-            jnp.arange(n_queries, dtype=jnp.int32), mode="drop")
+            jnp.arange(n_queries, dtype=jnp.int32) + zero_i, mode="drop")
     # Padded targets: the free queries in increasing index order.
     free_first = jnp.argsort(row_of_col > 0, stable=True).astype(jnp.int32)
     pad_rank = jnp.cumsum(~valid) - 1
