@@ -496,3 +496,8 @@ def test_cache_errors_name_the_file(cache, tmp_path):
     np.save(bad / "x" / "image.npy", np.zeros((2, 3, 4), np.float32))
     with pytest.raises(ValueError, match=r"image.npy.*\[D, H, W, 4\]"):
         pipeline.CaseSource(bad, "train")[0]
+    np.save(bad / "x" / "image.npy", np.zeros((2, 3, 4, 4), np.float32))
+    with pytest.raises(FileNotFoundError, match=r"x[/\\]seg.npy.*needs labels"):
+        pipeline.CaseSource(bad, "train")[0]
+    unlabelled = pipeline.make_eval_cases(bad, "train")[0]  # inference: labels optional
+    assert unlabelled.seg is None and unlabelled.inst is None

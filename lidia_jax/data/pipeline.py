@@ -78,7 +78,8 @@ class Case:
 
     image: float32 [D, H, W, 4]; seg: uint8 [D, H, W] or None (unlabelled); inst: uint16
     [D, H, W] or None; phase_mask: bool [4]; fg_locations: {"lesion", "liver"} -> int32 [N, 3];
-    code_table: int32 [K + 1] instance id -> label code; meta: meta.json as a dict.
+    code_table: int32 [K + 1] instance id -> label code; meta: meta.json as a dict, without
+    "fg_locations" (held as arrays in fg_locations).
     """
     name: str
     image: np.ndarray
@@ -128,9 +129,12 @@ def load_case(cache_dir: PathLike, name: str, require_labels: bool = False) -> C
                          f"{meta.get('phase_mask')}")
     instance_classes = meta.get("instance_classes", {}) or {}
     max_id = max([int(k) for k in instance_classes] + [0])
+    fg_locations = patches.fg_locations_from_meta(meta, str(meta_path))
+    # Keep the locations only as compact arrays: as JSON lists they cost ~2 MB of Python objects
+    # per case, in every worker that caches the case.
+    meta = {k: v for k, v in meta.items() if k != "fg_locations"}
     return Case(name=name, image=image, seg=arrays["seg"], inst=arrays["inst"],
-                phase_mask=phase_mask,
-                fg_locations=patches.fg_locations_from_meta(meta, str(meta_path)),
+                phase_mask=phase_mask, fg_locations=fg_locations,
                 code_table=patches.instance_code_table(instance_classes, max_id), meta=meta)
 
 
