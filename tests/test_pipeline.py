@@ -125,7 +125,7 @@ def test_sample_patch_start_small_volume_is_padded_uniformly():
     shape, patch = (5, 30, 8), (8, 12, 8)
     starts = np.array([patches.sample_patch_start(shape, patch, {}, 0.0, 0.25, rng)[0]
                        for _ in range(3000)])
-    # Axis 0: volume 5 < patch 8 -> starts -3..0 (volume inside the patch); axis 1: 0..18; axis 2: 0.
+    # Axis 0: volume 5 < patch 8 -> starts -3..0 (volume inside the patch); axis 1: 0..18; 2: 0.
     for axis, (lo, hi) in enumerate([(-3, 0), (0, 18), (0, 0)]):
         values, counts = np.unique(starts[:, axis], return_counts=True)
         np.testing.assert_array_equal(values, np.arange(lo, hi + 1))

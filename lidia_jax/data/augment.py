@@ -273,7 +273,7 @@ def augment_intensity(image: np.ndarray, phase_mask: np.ndarray, rng: np.random.
 
 def drop_phases(image: np.ndarray, phase_mask: np.ndarray, rng: np.random.Generator,
                 prob: float) -> Tuple[np.ndarray, np.ndarray]:
-    """Drops each present NC/A/D phase with probability `prob` (never V): channel zeroed, mask False.
+    """Drops each present NC/A/D phase with probability `prob` (never V): zeroed, mask False.
 
     Args:
       image: float32 [D, H, W, 4] (modified in place); phase_mask: bool [4].

@@ -18,7 +18,7 @@ RANDOM, LESION, LIVER = "random", "lesion", "liver"
 
 
 def start_range(shape: Sequence[int], patch_size: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
-    """Allowed patch starts per axis, inclusive: [lo, hi] with lo = min(0, S - P), hi = max(0, S - P).
+    """Allowed patch starts per axis, inclusive: [lo, hi], lo = min(0, S - P), hi = max(0, S - P).
 
     Where the volume is at least as large as the patch, the patch stays inside (nnU-Net v2 pads only
     where needed); where it is smaller, the volume stays inside the patch and the rest is padding.
@@ -159,7 +159,7 @@ def build_targets(
 
 
 def fg_locations_from_meta(meta: Mapping, path: Optional[str] = None) -> dict:
-    """meta["fg_locations"] -> {"lesion": int32 [N, 3], "liver": int32 [M, 3]} (empty where absent)."""
+    """meta["fg_locations"] -> {"lesion": int32 [N, 3], "liver": int32 [M, 3]} ([0, 3] if absent)."""
     out = {}
     locs = meta.get("fg_locations", {}) or {}
     for kind in (LESION, LIVER):

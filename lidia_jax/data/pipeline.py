@@ -242,7 +242,7 @@ def _process_index_and_count(process_index, process_count):
 
 def _ensure_absl_flags_parsed():
     """grain 0.2.18's mp_prefetch reads an absl flag without a fallback, which raises
-    UnparsedFlagAccessError outside an absl.app main (tests, notebooks); accept the defaults then."""
+    UnparsedFlagAccessError outside an absl.app main (tests, notebooks): accept the defaults."""
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
