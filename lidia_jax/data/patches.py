@@ -159,7 +159,7 @@ def build_targets(
 
 
 def fg_locations_from_meta(meta: Mapping, path: Optional[str] = None) -> dict:
-    """meta["fg_locations"] -> {"lesion": int32 [N, 3], "liver": int32 [M, 3]} ([0, 3] if absent)."""
+    """meta["fg_locations"] -> {"lesion": int32 [N, 3], "liver": int32 [M, 3]} (N = 0 if absent)."""
     out = {}
     locs = meta.get("fg_locations", {}) or {}
     for kind in (LESION, LIVER):
