@@ -318,3 +318,18 @@ def test_restore_array_carries_channels_and_drop_delayed_applies_at_inference(tm
     assert loaded.phase_mask[3]
     image, _, _, meta = pp.preprocess_case(loaded, cache.plan)
     assert meta["phase_mask"] == [True, True, True, False] and not np.any(image[..., 3])
+
+
+def test_unlabelled_test_cases_and_no_usable_training_case(tmp_path):
+    root = make_cohort(tmp_path / "ds", n_tr=2, n_ts=1)
+    (root / "labelsTs" / "ts0.nii.gz").unlink()
+    cache = _run(root, tmp_path, _cfg())
+    test = cache.load("ts0")
+    assert test["seg"] is None and test["inst"] is None and not test["meta"]["labelled"]
+    assert test["meta"]["fg_locations"] == {"liver": [], "lesion": []}
+    assert test["image"].shape[-1] == 4 and np.any(test["image"][..., 2])
+    for name in ("tr0", "tr1"):
+        (root / "labelsTr" / f"{name}.nii.gz").unlink()
+    with pytest.raises(contract.DatasetError, match="no usable training case"):
+        _run(root, tmp_path, _cfg())
+    assert not list((tmp_path / "cache").glob(".*tmp*"))

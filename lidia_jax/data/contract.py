@@ -15,6 +15,7 @@ stops a cohort.
 import dataclasses
 import gzip
 import json
+import os
 import pathlib
 import re
 import struct
@@ -323,12 +324,20 @@ def _read(path: pathlib.Path) -> sitk.Image:
 _NIFTI_FLOAT_TYPES = {16: np.float32, 64: np.float64}
 
 
+def _gzip_isize(path: pathlib.Path) -> int:
+    """The uncompressed length mod 2^32 that a gzip trailer records (garbage if truncated)."""
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", f.read(4))[0]
+
+
 def check_nifti_data(path: pathlib.Path) -> Optional[str]:
     """Checks the voxel data of a .nii / .nii.gz file that ITK has already parsed.
 
     ITK's NIfTI reader zero-fills a truncated file and turns NaN / inf into 0 without a word,
     which would pass a corrupt scan off as valid (0 HU is water). Returns what is wrong, or None.
-    A .nii.gz is decompressed once more (streamed); an integer .nii only needs its size.
+    Integer data (the usual CT storage) only needs the file size (.nii) or the gzip trailer's
+    length (.nii.gz); float data is streamed once more to count NaN / inf.
     """
     name = path.name
     if not name.endswith((".nii", ".nii.gz")):
@@ -356,6 +365,8 @@ def check_nifti_data(path: pathlib.Path) -> Optional[str]:
                      if datatype in _NIFTI_FLOAT_TYPES else None)
             if not gz and dtype is None:
                 got = max(0, path.stat().st_size - offset)
+            elif dtype is None and _gzip_isize(path) == (offset + needed) % 2**32:
+                got = needed  # the gzip trailer vouches for the length: no second decompression
             else:
                 f.seek(offset)
                 got, nonfinite, carry = 0, 0, b""
