@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -67,7 +68,22 @@ def setup(tmp_path_factory):
                           "hi": [250.0] * 4}}
     model = build_model(cfg.model)
     image = np.zeros((1,) + tuple(cfg.input.patch_size) + (4,), np.float32)
-    variables = model.init(jax.random.key(0), image, np.ones((1, 4), bool), train=False)
+    # Random parameters of the right shapes without compiling the init graph (minutes on a busy
+    # CPU): fan-in-scaled normals for weights, ones for norm scales, zeros for biases.
+    shapes = jax.eval_shape(
+        lambda rng: model.init(rng, image, np.ones((1, 4), bool), train=False), jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def random_leaf(path, leaf):
+        name = str(path[-1])
+        if "scale" in name:
+            return np.ones(leaf.shape, leaf.dtype)
+        if "bias" in name:
+            return np.zeros(leaf.shape, leaf.dtype)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(random_leaf, shapes)
     return cfg, root, plan, model, variables
 
 
@@ -135,3 +151,79 @@ def test_run_evaluate_writes_report(setup, tmp_path):
         assert (tmp_path / f).is_file(), f
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["lesion_counts"] == summary["lesion_counts"]
+
+
+def _toy_tile_predictor(variables, tiles, phase_mask):
+    """Thresholds the normalised venous channel: < -0.75 background, < 1 liver, else HCC."""
+    v = tiles[..., 2]
+    code = jnp.where(v < -0.75, 0, jnp.where(v < 1.0, 1, 2))
+    return jax.nn.one_hot(code, 10) * 0.9 + 0.01, None
+
+
+def test_geometry_round_trip_with_a_toy_predictor(setup, tmp_path):
+    """A bright block comes back where it was, in mm, through canonicalisation and resampling."""
+    cfg, _, plan, model, variables = setup
+    folder = tmp_path / "in"
+    folder.mkdir()
+    venous = np.zeros(SHAPE, np.float32)  # 0 HU: normalised -1.5, background for the toy
+    venous[2:12, 4:26, 4:22] = 60.0  # liver: normalised 0
+    venous[4:10, 8:20, 8:18] = 150.0  # lesion: normalised 2.25
+    for ch in range(3):
+        ref = _write(venous, folder / f"toy_{ch:04d}.nii.gz")
+    rc = predict.run_predict(cfg, variables, model, folder, tmp_path / "out", plan,
+                             log=lambda s: None, tile_predictor=_toy_tile_predictor)
+    assert rc == 0
+    report = _check_outputs(tmp_path / "out", "toy", folder / "toy_0002.nii.gz")
+    assert len(report["lesions"]) == 1
+    lesion = report["lesions"][0]
+    assert lesion["class"] == "HCC" and lesion["score"] == pytest.approx(0.91, abs=1e-3)
+    zyx = np.argwhere(venous == 150.0)
+    pts = np.array([ref.TransformIndexToPhysicalPoint([int(x), int(y), int(z)])
+                    for z, y, x in zyx])
+    # Tolerances: one 6 mm voxel of the smoke grid (the lesion goes there and back).
+    np.testing.assert_allclose(lesion["centroid_mm"], pts.mean(0), atol=6.0)
+    assert lesion["volume_ml"] == pytest.approx(len(zyx) * np.prod(SPACING) / 1000, rel=0.5)
+    assert lesion["max_diameter_mm"] == pytest.approx(
+        max(np.linalg.norm(pts - p, axis=1).max() for p in pts[::7]), abs=12.0)
+
+
+class _FakeCache:
+    """The two methods evaluate_cache uses, over in-memory preprocessed cases."""
+
+    def __init__(self, cases):
+        self.cases = cases
+
+    def load(self, case):
+        return self.cases[case]
+
+
+def test_evaluate_cache_on_the_preprocessed_grid(setup, tmp_path):
+    cfg, _, _, model, variables = setup
+    shape = (10, 20, 24)
+    image = np.full(shape + (4,), -1.5, np.float32)
+    image[..., 3] = 0.0  # delayed phase absent
+    image[2:8, 3:17, 4:20, :3] = 0.0
+    image[3:6, 5:9, 6:10, :3] = 2.25  # a lesion the toy predictor calls HCC
+    seg = np.zeros(shape, np.uint8)
+    seg[2:8, 3:17, 4:20] = 1
+    seg[3:6, 5:9, 6:10] = 2  # exactly the toy's lesion
+    seg[5:7, 12:15, 14:18] = 7  # a cyst the toy misses
+    inst = np.zeros(shape, np.uint16)
+    inst[seg == 2], inst[seg == 7] = 1, 2
+    meta = {"phase_mask": [True, True, True, False], "spacing": [6.0, 6.0, 6.0],
+            "instance_classes": {"1": 2, "2": 7}, "patient_classes": [2, 7]}
+    cache = _FakeCache({
+        "a": {"image": image, "seg": seg, "inst": inst, "meta": meta},
+        "b": {"image": np.full(shape + (4,), -1.5, np.float32), "seg": np.zeros_like(seg),
+              "inst": np.zeros_like(inst), "meta": dict(meta, instance_classes={},
+                                                        patient_classes=[])},
+        "unlabelled": {"image": image, "seg": None, "inst": None, "meta": meta}})
+    summary = evaluate.evaluate_cache(model, variables["params"], cache,
+                                      ["a", "b", "unlabelled"], cfg, report_dir=tmp_path,
+                                      log=lambda s: None, tile_predictor=_toy_tile_predictor)
+    assert summary["num_cases"] == 2
+    assert summary["lesion_counts"] == {"true": 2, "predicted": 1, "matched": 1,
+                                        "correct_class": 1}
+    assert summary["lesion_dice"] == pytest.approx(2 * 48 / ((48 + 24) + 48))  # HCC 3x4x4, cyst 2x3x4
+    assert summary["auc"]["HCC"] == pytest.approx(1.0)  # LiverMax 0.91 vs 0.01
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "overlay_a.png").is_file()
