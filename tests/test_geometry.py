@@ -132,7 +132,7 @@ def test_resample_label_nearest_matches_numpy_lookup():
         p = np.array([0.4 + 1.3 * x, -0.2 + 0.9 * y, 1.0 + 2.1 * z])
         cont = (p - np.array(m_origin)) / np.array(m_spacing)
         i = np.floor(cont + 0.5).astype(int)  # nearest voxel centre
-        if np.any(np.abs(cont - np.round(cont)) > 0.4999) :
+        if np.any(np.abs(cont - np.round(cont)) > 0.4999):
             continue  # exactly between two voxels: either is right
         if np.all(i >= 0) and np.all(i < [11, 10, 9]):
             assert out[z, y, x] == lab[i[2], i[1], i[0]]

@@ -160,7 +160,8 @@ def test_cache_reused_without_reading_and_invalidated_on_change(tmp_path, monkey
     root = make_cohort(tmp_path / "ds", n_tr=3, n_ts=0)
     reads = []
     real_read = sitk.ReadImage
-    monkeypatch.setattr(sitk, "ReadImage", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    monkeypatch.setattr(sitk, "ReadImage",
+                        lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
     c = _cfg()
     first = _run(root, tmp_path, c)
     n_first = len(reads)
@@ -170,7 +171,8 @@ def test_cache_reused_without_reading_and_invalidated_on_change(tmp_path, monkey
 
     second = _run(root, tmp_path, c)
     assert len(reads) == n_first, "the second call must not read any image"
-    assert second.path == first.path and (second.path / "plan.json").stat().st_mtime_ns == plan_mtime
+    assert second.path == first.path
+    assert (second.path / "plan.json").stat().st_mtime_ns == plan_mtime
 
     c.preprocess.body_threshold_hu = -300.0  # a setting changes
     third = _run(root, tmp_path, c)
