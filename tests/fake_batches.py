@@ -16,7 +16,7 @@ def fake_batch(config, batch_size, seed=0):
     image = rng.normal(size=(batch_size, d, h, w, 4)).astype(np.float32)
     phase_mask = np.ones((batch_size, 4), bool)
     phase_mask[1::2, 3] = False
-    image[~phase_mask] = 0.0
+    image *= phase_mask[:, None, None, None, :]
     semantic = np.zeros((batch_size, d, h, w), np.int32)
     masks = np.zeros((batch_size, t, d, h, w), bool)
     classes = np.zeros((batch_size, t), np.int32)
