@@ -33,7 +33,8 @@ def classification_loss(logits, labels, weights, kind="focal", gamma=2.0):
     if kind not in ("focal", "ce"):
         raise ValueError(f"config.loss.cls_loss={kind!r}; expected 'focal' or "
                          f"'ce'.")
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)  # bf16 -> f32
+    logp = jax.nn.log_softmax(logits.astype(dtype), axis=-1)
     logp_y = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     per_query = -logp_y
     if kind == "focal":

@@ -85,10 +85,11 @@ def contrastive_loss(embed, label, valid, memory, temperature, others_class,
     if kind not in ("acl", "supcon"):
         raise ValueError(f"config.loss.contrastive={kind!r}; expected 'acl', "
                          f"'supcon' or 'none'.")
-    embed = embed.astype(jnp.float32)
+    # bf16 -> f32, f64 stays f64.
+    embed = embed.astype(jnp.promote_types(embed.dtype, jnp.float32))
     num = embed.shape[0]
     if memory is not None:
-        bank = jax.lax.stop_gradient(memory["embed"]).astype(jnp.float32)
+        bank = jax.lax.stop_gradient(memory["embed"]).astype(embed.dtype)
         c_embed = jnp.concatenate([embed, bank], 0)
         c_label = jnp.concatenate([label, memory["label"]], 0)
         c_valid = jnp.concatenate([valid, memory["valid"]], 0)

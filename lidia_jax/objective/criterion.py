@@ -21,6 +21,11 @@ from lidia_jax.objective import matching_cost
 from lidia_jax.objective import points as points_lib
 
 
+def _at_least_f32(x):
+    """bf16/f16 model outputs -> float32 for the loss; float64 stays."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _check(outputs, batch, config):
     logits, masks = outputs["logits"], outputs["masks"]
     k = config.model.num_classes
@@ -109,8 +114,8 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     """
     _check(outputs, batch, config)
     cl = config.loss
-    class_logits = outputs["logits"].astype(jnp.float32)
-    mask_logits = outputs["masks"].astype(jnp.float32)
+    class_logits = _at_least_f32(outputs["logits"])
+    mask_logits = _at_least_f32(outputs["masks"])
     if not cl.deep_supervision:
         class_logits, mask_logits = class_logits[-1:], mask_logits[-1:]
     num_layers = class_logits.shape[0]
@@ -146,7 +151,7 @@ def mask2former_loss(outputs, batch, memory, rng, config):
 
     new_memory = memory
     if cl.contrastive != "none":
-        embed = outputs["embed"][-1].astype(jnp.float32)  # [B, Q, E]
+        embed = _at_least_f32(outputs["embed"][-1])  # [B, Q, E]
         if memory is None or memory["embed"].shape[-1] != embed.shape[-1]:
             raise ValueError(
                 "compute_loss: memory bank missing or of the wrong width for "

@@ -35,9 +35,10 @@ def matching_cost(class_logits, point_logits, target_classes, target_points,
     Returns:
       [Q, T] float32 cost.
     """
-    prob = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
+    dtype = jnp.promote_types(class_logits.dtype, jnp.float32)
+    prob = jax.nn.softmax(class_logits.astype(dtype), axis=-1)
     cost_class = -prob[:, target_classes]
-    point_logits = point_logits.astype(jnp.float32)
+    point_logits = point_logits.astype(prob.dtype)
     return (config_loss.match_class * cost_class
             + config_loss.match_mask * pairwise_sigmoid_ce(point_logits,
                                                            target_points)

@@ -41,10 +41,10 @@ def dice_ce(logits, labels, smooth=1e-5):
     Returns:
       (ce, dice_loss) scalars.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     num_classes = logits.shape[-1]
     logp = jax.nn.log_softmax(logits, axis=-1)
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    onehot = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
     ce = -jnp.mean(jnp.sum(onehot * logp, axis=-1))
     prob = jnp.exp(logp)
     axes = tuple(range(logits.ndim - 1))

@@ -113,8 +113,9 @@ def foreground_points(noise, cumsum, shape):
     and tops up with uniform random points when the mask has fewer voxels than
     the P points wanted. Here: with F foreground voxels (ranks 0..F-1 in raster
     order)
-      F >= P: stratified draw, slot k takes rank floor((k + u_k) F / P),
-              u_k ~ U[0, 1): P distinct voxels spread over the whole mask;
+      F >= P: stratified draw, slot k takes a uniformly random rank in
+              [floor(k F / P), floor((k + 1) F / P)): P distinct voxels
+              spread over the whole mask;
       F <  P: slots k < F take every foreground voxel once, the rest are
               uniform random points (also the empty-mask case).
     Each rank is located with a binary search in the running count.
@@ -129,9 +130,17 @@ def foreground_points(noise, cumsum, shape):
     """
     num_points = noise.shape[0]
     count = cumsum[-1]
-    slots = jnp.arange(num_points)
-    stratified = jnp.floor((slots + noise[:, 0]) * (
-        count.astype(jnp.float32) / num_points)).astype(jnp.int32)
+    slots = jnp.arange(num_points, dtype=jnp.int32)
+
+    # Integer stratum starts floor(k F / P) = k q + (k r) // P (q, r = divmod(F,
+    # P)) never overflow int32, and for F >= P they strictly increase, so the
+    # strata [start_k, start_{k+1}) are disjoint and non-empty.
+    def start(k):
+        return k * (count // num_points) + (k * (count % num_points)) // num_points
+
+    lo, hi = start(slots), start(slots + 1)
+    stratified = lo + jnp.floor(noise[:, 0] * (hi - lo)).astype(jnp.int32)
+    stratified = jnp.minimum(stratified, hi - 1)
     rank = jnp.where(count >= num_points, stratified, slots)
     rank = jnp.clip(rank, 0, jnp.maximum(count - 1, 0))
     # First flat index whose running count exceeds `rank`.

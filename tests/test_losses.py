@@ -1,0 +1,442 @@
+"""Objective terms against plain numpy loops, finite differences and
+end-to-end properties of compute_loss."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from lidia_jax.objective import classification
+from lidia_jax.objective import compute_loss
+from lidia_jax.objective import init_memory
+from lidia_jax.objective import mask_loss
+from lidia_jax.objective import matching_cost
+from lidia_jax.objective import per_voxel
+from lidia_jax.objective import points as points_lib
+
+
+# ------------------------------------------------------------ references
+def np_trilinear(vol, pt):
+    """Naive loop: align_corners=True trilinear interpolation at one point."""
+    out = 0.0
+    pos, lo = [], []
+    for axis in range(3):
+        size = vol.shape[axis]
+        p = min(max(pt[axis], 0.0), 1.0) * (size - 1)
+        pos.append(p)
+        lo.append(min(int(math.floor(p)), max(size - 2, 0)))
+    for corner in itertools.product((0, 1), repeat=3):
+        w, idx = 1.0, []
+        for axis in range(3):
+            size = vol.shape[axis]
+            i = min(lo[axis] + corner[axis], size - 1)
+            f = pos[axis] - lo[axis] if size > 1 else 0.0
+            w *= f if corner[axis] else 1.0 - f
+            idx.append(i)
+        out += w * vol[tuple(idx)]
+    return out
+
+
+def np_sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def np_bce(x, t):
+    p = np_sigmoid(x)
+    return -(t * np.log(p) + (1 - t) * np.log(1 - p))
+
+
+def np_dice(x, t):
+    p = np_sigmoid(x)
+    return 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+
+
+def np_softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+# ------------------------------------------------------------ points
+@pytest.mark.parametrize("shape", [(4, 5, 6), (1, 3, 2), (2, 1, 7)])
+def test_trilinear_matches_naive_loop(shape):
+    rng = np.random.default_rng(0)
+    vol = rng.normal(size=shape)
+    pts = rng.uniform(-0.1, 1.1, (40, 3))  # outside [0, 1]: clamped
+    pts[:6] = [[0, 0, 0], [1, 1, 1], [0, 1, 0], [1, 0, 1], [.5, .5, .5],
+               [1, .25, 0]]
+    got = np.asarray(points_lib.trilinear_sample(jnp.asarray(vol, jnp.float32),
+                                                 jnp.asarray(pts, jnp.float32)))
+    want = [np_trilinear(vol, p) for p in pts]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_trilinear_hits_voxels_at_normalised_indices():
+    # align_corners=True: index i <-> coordinate i / (size - 1).
+    vol = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    idx = np.array([[0, 0, 0], [2, 3, 4], [1, 2, 3], [2, 0, 1]])
+    pts = idx / (np.array(vol.shape) - 1.0)
+    got = points_lib.trilinear_sample(jnp.asarray(vol), jnp.asarray(pts))
+    np.testing.assert_allclose(got, vol[tuple(idx.T)], atol=1e-4)
+
+
+def _fg_points(mask, num):
+    rng = np.random.default_rng(1)
+    noise = jnp.asarray(rng.random((num, 4)), jnp.float32)
+    cs = points_lib.foreground_cumsum(jnp.asarray(mask))
+    return np.asarray(points_lib.foreground_points(noise, cs, mask.shape))
+
+
+def test_foreground_points_many_voxels_distinct_and_inside():
+    rng = np.random.default_rng(2)
+    mask = rng.random((6, 7, 8)) < 0.4
+    pts = _fg_points(mask, 50)
+    idx = np.rint(pts * (np.array(mask.shape) - 1)).astype(int)
+    np.testing.assert_allclose(idx / (np.array(mask.shape) - 1), pts,
+                               atol=1e-6)
+    assert mask[tuple(idx.T)].all()
+    assert len({tuple(i) for i in idx}) == 50  # without replacement
+
+
+def test_foreground_points_tiny_mask_takes_all_then_random():
+    mask = np.zeros((5, 6, 7), bool)
+    vox = np.array([[0, 0, 0], [2, 3, 4], [4, 5, 6]])
+    mask[tuple(vox.T)] = True
+    pts = _fg_points(mask, 10)
+    idx = np.rint(pts[:3] * (np.array(mask.shape) - 1)).astype(int)
+    np.testing.assert_array_equal(idx, vox)  # raster order, each once
+    # Top-up points are uniform, not on voxel centres.
+    rest = pts[3:] * (np.array(mask.shape) - 1)
+    assert np.abs(rest - np.rint(rest)).max() > 0.05
+    empty = _fg_points(np.zeros((5, 6, 7), bool), 10)
+    assert ((empty >= 0) & (empty <= 1)).all()
+
+
+def test_uncertain_points_keep_most_uncertain_candidates():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 5, 6)).astype(np.float32)
+    num, over, ratio = 8, 3.0, 0.75
+    n_noise = points_lib.num_uncertain_noise(num, over, ratio)
+    assert n_noise == 24 + 2
+    noise = rng.random((n_noise, 3)).astype(np.float32)
+    pts = np.asarray(points_lib.uncertain_points(
+        jnp.asarray(noise), jnp.asarray(logits), num, over, ratio))
+    unc = np.array([-abs(np_trilinear(logits, p)) for p in noise[:24]])
+    want = noise[np.argsort(-unc, kind="stable")[:6]]
+    np.testing.assert_allclose(np.sort(pts[:6], 0), np.sort(want, 0),
+                               atol=1e-6)
+    np.testing.assert_allclose(pts[6:], noise[24:])
+
+
+def test_loss_points_split():
+    cfg = load_config("smoke").loss
+    cfg.num_points = 40
+    mask = np.zeros((6, 6, 6), bool)
+    mask[2:5, 2:5, 2:5] = True
+    n = points_lib.num_loss_noise(cfg)
+    pts = np.asarray(points_lib.loss_points(
+        jax.random.uniform(jax.random.PRNGKey(0), (n,)),
+        jnp.zeros((3, 3, 3)), points_lib.foreground_cumsum(jnp.asarray(mask)),
+        mask.shape, cfg))
+    assert pts.shape == (40, 3)
+    idx = np.rint(pts[:20] * 5).astype(int)
+    assert mask[tuple(idx.T)].all()  # fg_point_ratio 0.5 of the points
+
+
+# ------------------------------------------------------------ mask losses
+def test_sigmoid_ce_and_dice_match_loops():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, 11)) * 3
+    t = (rng.random((2, 3, 11)) < 0.4).astype(float)
+    t[0, 1] = rng.random(11)  # soft targets (trilinear on a mask)
+    valid = np.array([[True, True, False], [True, False, False]])
+    ce, dc = mask_loss.mask_losses(jnp.asarray(x, jnp.float32),
+                                   jnp.asarray(t, jnp.float32),
+                                   jnp.asarray(valid), 3.0)
+    ref_ce = sum(np.mean(np_bce(x[b, i], t[b, i]))
+                 for b in range(2) for i in range(3) if valid[b, i]) / 3
+    ref_dc = sum(np_dice(x[b, i], t[b, i])
+                 for b in range(2) for i in range(3) if valid[b, i]) / 3
+    np.testing.assert_allclose([ce, dc], [ref_ce, ref_dc], rtol=1e-5)
+
+
+def test_matching_cost_matches_pair_loop():
+    rng = np.random.default_rng(5)
+    q, t, p, k = 5, 3, 17, 4
+    cl = rng.normal(size=(q, k + 1))
+    x = rng.normal(size=(q, p)) * 2
+    tg = (rng.random((t, p)) < 0.5).astype(float)
+    tc = np.array([0, 3, 1])
+    cfg = load_config("smoke").loss
+    got = np.asarray(matching_cost.matching_cost(
+        jnp.asarray(cl, jnp.float32), jnp.asarray(x, jnp.float32),
+        jnp.asarray(tc), jnp.asarray(tg, jnp.float32), cfg))
+    want = np.zeros((q, t))
+    for i in range(q):
+        for j in range(t):
+            want[i, j] = (-cfg.match_class * np_softmax(cl[i])[tc[j]]
+                          + cfg.match_mask * np.mean(np_bce(x[i], tg[j]))
+                          + cfg.match_dice * np_dice(x[i], tg[j]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------ classification
+@pytest.mark.parametrize("kind", ["focal", "ce"])
+def test_classification_matches_loop(kind):
+    rng = np.random.default_rng(6)
+    k = 4
+    logits = rng.normal(size=(2, 6, k + 1)) * 2
+    labels = rng.integers(0, k + 1, (2, 6))
+    labels[0, :3] = k
+    w = np.ones(k + 1)
+    w[k] = 0.1
+    num = den = 0.0
+    for b in range(2):
+        for q in range(6):
+            p = np_softmax(logits[b, q])[labels[b, q]]
+            per = -np.log(p) * ((1 - p) ** 2 if kind == "focal" else 1.0)
+            num += w[labels[b, q]] * per
+            den += w[labels[b, q]]
+    got = classification.classification_loss(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(labels),
+        classification.class_weights(k, 0.1), kind, 2.0)
+    np.testing.assert_allclose(got, num / den, rtol=1e-5)
+    with pytest.raises(ValueError, match="cls_loss"):
+        classification.classification_loss(jnp.asarray(logits),
+                                           jnp.asarray(labels),
+                                           jnp.ones(k + 1), "hinge")
+
+
+# ------------------------------------------------------------ gradients
+def _fd_check(f, x, eps=1e-6, rtol=1e-6, n=6, seed=0):
+    """Directional finite differences in float64."""
+    rng = np.random.default_rng(seed)
+    g = np.asarray(jax.grad(f)(x))
+    for _ in range(n):
+        d = rng.normal(size=x.shape)
+        fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
+        np.testing.assert_allclose(np.sum(g * d), fd, rtol=rtol, atol=1e-9)
+
+
+def test_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(7)
+        x = jnp.asarray(rng.normal(size=(3, 9)), jnp.float64)
+        t = jnp.asarray(rng.random((3, 9)), jnp.float64)
+        valid = jnp.asarray([True, False, True])
+        _fd_check(lambda v: sum(mask_loss.mask_losses(v, t, valid, 2.0)), x)
+        logits = jnp.asarray(rng.normal(size=(4, 6)), jnp.float64)
+        labels = jnp.asarray([5, 0, 2, 5])
+        w = classification.class_weights(5, 0.1).astype(jnp.float64)
+        for kind in ("focal", "ce"):
+            _fd_check(lambda v: classification.classification_loss(
+                v, labels, w, kind, 2.0), logits)
+        vol = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float64)
+        pts = jnp.asarray(rng.random((10, 3)), jnp.float64)
+        _fd_check(lambda v: jnp.sum(points_lib.trilinear_sample(v, pts) ** 2),
+                  vol)
+        seg = jnp.asarray(rng.normal(size=(1, 2, 3, 4, 10)), jnp.float64)
+        lab = jnp.asarray(rng.integers(0, 10, (1, 2, 3, 4)))
+        _fd_check(lambda v: sum(per_voxel.dice_ce(v, lab)), seg)
+
+
+# ------------------------------------------------------------ per-voxel
+def test_per_voxel_dice_ce_and_deep_supervision_match_loops():
+    rng = np.random.default_rng(8)
+    b, shape, c = 2, (4, 6, 6), 10
+    sem = rng.integers(0, 4, (b,) + shape)
+    full = rng.normal(size=(b,) + shape + (c,))
+    ds = rng.normal(size=(b, 2, 3, 3, c))
+    cfg = load_config("smoke,head=per_voxel")
+    loss, metrics = per_voxel.per_voxel_loss(
+        {"seg_logits": jnp.asarray(full, jnp.float32),
+         "seg_logits_ds": (jnp.asarray(ds, jnp.float32),)},
+        {"semantic": jnp.asarray(sem, jnp.int32)}, cfg)
+
+    def ref(logits, labels):
+        prob = np.exp(logits - logits.max(-1, keepdims=True))
+        prob /= prob.sum(-1, keepdims=True)
+        ce = np.mean([-np.log(prob[idx + (labels[idx],)])
+                      for idx in np.ndindex(labels.shape)])
+        dices = []
+        for k in range(1, c):
+            tp = fp = fn = 0.0
+            for idx in np.ndindex(labels.shape):
+                p, y = prob[idx + (k,)], float(labels[idx] == k)
+                tp += p * y
+                fp += p * (1 - y)
+                fn += (1 - p) * y
+            dices.append((2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5))
+        return ce, 1 - np.mean(dices)
+
+    # nearest-exact: coarse voxel i reads fine voxel floor((i + .5) * 2).
+    sem_ds = sem[:, 1::2, 1::2, 1::2]
+    ce0, dc0 = ref(full, sem)
+    ce1, dc1 = ref(ds, sem_ds)
+    np.testing.assert_allclose([metrics["loss_ce"], metrics["loss_dice"]],
+                               [ce0, dc0], rtol=1e-5)
+    w = np.array([1.0, 0.5]) / 1.5
+    np.testing.assert_allclose(loss, w[0] * (ce0 + dc0) + w[1] * (ce1 + dc1),
+                               rtol=1e-5)
+    lab = np.asarray(per_voxel.downsample_labels(jnp.asarray(sem), (3, 4, 5)))
+    for i, j, k in np.ndindex(3, 4, 5):
+        src = (int((i + .5) * 4 / 3), int((j + .5) * 6 / 4),
+               int((k + .5) * 6 / 5))
+        np.testing.assert_array_equal(lab[:, i, j, k], sem[(slice(None),) + src])
+
+
+# ------------------------------------------------------------ compute_loss
+CFG = load_config("smoke")
+
+
+def _model_shaped(seed, cfg=CFG, batch_size=2):
+    rng = np.random.default_rng(seed)
+    l1 = cfg.model.dec_layers + 1
+    q, k, e = cfg.model.num_queries, cfg.model.num_classes, cfg.model.acl_dim
+    shape = tuple(cfg.input.patch_size)  # smoke: mask_stride_stage 0
+    t = cfg.data.max_instances
+    emb = rng.normal(size=(l1, batch_size, q, e))
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    outputs = {
+        "logits": jnp.asarray(rng.normal(size=(l1, batch_size, q, k + 1)),
+                              jnp.float32),
+        "masks": jnp.asarray(rng.normal(size=(l1, batch_size, q) + shape),
+                             jnp.float32),
+        "embed": jnp.asarray(emb, jnp.float32),
+    }
+    valid = np.zeros((batch_size, t), bool)
+    valid[0, :4] = True
+    valid[1, :2] = True
+    masks = np.zeros((batch_size, t) + shape, bool)
+    for b, i in zip(*np.nonzero(valid)):
+        lo = rng.integers(0, np.array(shape) - 4)
+        size = rng.integers(1, 5, 3) if i else np.array(shape) // 2
+        masks[b, i, lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1],
+              lo[2]:lo[2] + size[2]] = True
+    # Liver, two HCC, one "others"; liver, one HCC.
+    classes = np.zeros((batch_size, t), np.int64)
+    classes[0, :4] = [0, 1, 1, cfg.loss.others_class]
+    classes[1, :2] = [0, 1]
+    batch = {"masks": jnp.asarray(masks), "classes": jnp.asarray(classes,
+                                                                 jnp.int32),
+             "valid": jnp.asarray(valid)}
+    return outputs, batch
+
+
+_loss_and_grad = jax.jit(jax.value_and_grad(
+    lambda o, b, m, r: compute_loss(o, b, m, r, CFG), has_aux=True))
+
+
+def test_compute_loss_jitted_finite_with_gradients():
+    outputs, batch = _model_shaped(0)
+    memory = init_memory(CFG.loss.memory_size, CFG.model.acl_dim)
+    (loss, aux), grads = _loss_and_grad(outputs, batch, memory,
+                                        jax.random.PRNGKey(0))
+    m = aux["metrics"]
+    assert np.isfinite(float(loss)) and float(loss) > 0
+    for name in ("loss_mask_ce", "loss_dice", "loss_cls", "loss_acl",
+                 "loss_aux"):
+        assert np.isfinite(float(m[name])) and float(m[name]) > 0, name
+    assert float(m["num_targets"]) == 6
+    cl = CFG.loss
+    final = cl.seg_weight * float(m["loss_seg"]) + cl.cls_weight * float(
+        m["loss_cls"])
+    np.testing.assert_allclose(
+        float(loss), final + float(m["loss_aux"])
+        + cl.acl_weight * float(m["loss_acl"]), rtol=1e-5)
+    for g in jax.tree.leaves(grads):
+        assert np.isfinite(np.asarray(g)).all()
+    # Every layer and every head output gets a gradient (deep supervision).
+    assert (np.abs(np.asarray(grads["masks"])).sum(axis=(1, 2, 3, 4, 5))
+            > 0).all()
+    assert (np.abs(np.asarray(grads["logits"])).sum(axis=(1, 2, 3)) > 0).all()
+    assert np.abs(np.asarray(grads["embed"][-1])).sum() > 0
+    assert np.abs(np.asarray(grads["embed"][:-1])).sum() == 0  # ACL: final
+    # The 4 lesion targets (not the livers) are written to the bank.
+    assert int(aux["memory"]["valid"].sum()) == 4
+    assert int(aux["memory"]["ptr"]) == 4
+
+
+def test_compute_loss_invariant_to_query_order():
+    """Matching makes the loss a function of the set of predictions."""
+    outputs, batch = _model_shaped(1)
+    memory = init_memory(CFG.loss.memory_size, CFG.model.acl_dim)
+    perm = np.random.default_rng(0).permutation(CFG.model.num_queries)
+    permuted = {k: v[:, :, perm] for k, v in outputs.items()}
+    key = jax.random.PRNGKey(3)
+    (l0, a0), _ = _loss_and_grad(outputs, batch, memory, key)
+    (l1, a1), _ = _loss_and_grad(permuted, batch, memory, key)
+    np.testing.assert_allclose(float(l0), float(l1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(a0["memory"]["embed"]),
+                               np.asarray(a1["memory"]["embed"]), atol=1e-6)
+
+
+def test_compute_loss_small_for_perfect_predictions():
+    outputs, batch = _model_shaped(2)
+    memory = init_memory(CFG.loss.memory_size, CFG.model.acl_dim)
+    q, k = CFG.model.num_queries, CFG.model.num_classes
+    t = CFG.data.max_instances
+    # Query 2 + i predicts target i exactly; other queries say no-object.
+    masks = np.full(outputs["masks"].shape, -30.0, np.float32)
+    logits = np.zeros(outputs["logits"].shape, np.float32)
+    logits[..., k] = 30.0
+    for b in range(2):
+        for i in range(t):
+            if batch["valid"][b, i]:
+                masks[:, b, 2 + i] = np.where(batch["masks"][b, i], 30.0, -30.0)
+                logits[:, b, 2 + i] = 0.0
+                logits[:, b, 2 + i, int(batch["classes"][b, i])] = 30.0
+    perfect = dict(outputs, masks=jnp.asarray(masks),
+                   logits=jnp.asarray(logits))
+    key = jax.random.PRNGKey(0)
+    (lp, ap), _ = _loss_and_grad(perfect, batch, memory, key)
+    (lr, ar), _ = _loss_and_grad(outputs, batch, memory, key)
+    mp, mr = ap["metrics"], ar["metrics"]
+    assert float(mp["loss_cls"]) < 1e-6
+    assert float(mp["loss_dice"]) < 0.1 < float(mr["loss_dice"])
+    # CE only at points between voxels on a mask boundary.
+    assert float(mp["loss_mask_ce"]) < 0.2 * float(mr["loss_mask_ce"])
+
+
+@pytest.mark.parametrize("variant", ["smoke,head=per_voxel",
+                                     "smoke,contrastive=none,cls_loss=ce"])
+def test_compute_loss_variants(variant):
+    cfg = load_config(variant)
+    memory = init_memory(cfg.loss.memory_size, cfg.model.acl_dim)
+    if cfg.model.head == "per_voxel":
+        rng = np.random.default_rng(0)
+        outputs = {"seg_logits": jnp.asarray(rng.normal(size=(2, 4, 8, 8, 10)),
+                                             jnp.float32),
+                   "seg_logits_ds": (jnp.asarray(
+                       rng.normal(size=(2, 2, 4, 4, 10)), jnp.float32),)}
+        batch = {"semantic": jnp.asarray(rng.integers(0, 10, (2, 4, 8, 8)),
+                                         jnp.int32)}
+    else:
+        cfg.loss.deep_supervision = False
+        outputs, batch = _model_shaped(3, cfg)
+    f = jax.jit(jax.value_and_grad(
+        lambda o, m, r: compute_loss(o, batch, m, r, cfg), has_aux=True))
+    (loss, aux), grads = f(outputs, memory, jax.random.PRNGKey(0))
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    # The bank passes through unchanged.
+    for a, b in zip(jax.tree.leaves(aux["memory"]), jax.tree.leaves(memory)):
+        np.testing.assert_array_equal(a, b)
+    if cfg.model.head == "mask2former":
+        assert float(aux["metrics"]["loss_aux"]) == 0.0
+        assert "loss_acl" not in aux["metrics"]
+
+
+def test_compute_loss_errors_are_actionable():
+    outputs, batch = _model_shaped(0)
+    with pytest.raises(ValueError, match="unknown outputs keys"):
+        compute_loss({"foo": 1}, batch, None, jax.random.PRNGKey(0), CFG)
+    bad = dict(outputs, logits=outputs["logits"][..., :5])
+    with pytest.raises(ValueError, match="num_classes"):
+        compute_loss(bad, batch, None, jax.random.PRNGKey(0), CFG)
+    with pytest.raises(ValueError, match="init_memory"):
+        compute_loss(outputs, batch, init_memory(4, 3), jax.random.PRNGKey(0),
+                     CFG)
