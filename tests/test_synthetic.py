@@ -182,13 +182,16 @@ def test_labels_instances_on_venous_grid(cohort):
             codes = np.unique(lab[ins == les["instance"]])
             assert codes.tolist() == [CONTRACT_LABELS[les["cls"]]], (name, les, codes)
             assert les["voxels"] == int((ins == les["instance"]).sum())
-        # Lesions lie inside the liver: their outer surface borders liver (or another lesion)
-        # far more than anything else, and liver + lesions form one organ.
+        # Lesions lie inside the liver: most of their outer surface borders liver (or another
+        # lesion; a subcapsular lesion may reach the liver surface over part of it), and liver
+        # + lesions form one organ.
         liver = lab >= 1
+        borders = []
         for i in ids:
             m = ins == i
             shell = ndimage.binary_dilation(m) & ~m
-            assert liver[shell].mean() > 0.6, (name, i, liver[shell].mean())
+            borders.append(liver[shell].mean())
+        assert min(borders) > 0.4 and np.mean(borders) > 0.7, (name, borders)
         comp, n = ndimage.label(liver)
         sizes = np.bincount(comp.ravel())[1:]
         assert sizes.max() > 0.9 * liver.sum(), name
