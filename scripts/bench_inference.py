@@ -2,6 +2,7 @@ r"""Inference time and peak memory of one preprocessed volume (sliding window ->
 
   python scripts/bench_inference.py --config=demo --shape=60,110,120
   python scripts/bench_inference.py --config=demo --shape=300,512,512 --predictor=toy
+  python scripts/bench_inference.py --config=demo --shape=60,110,120 --shape=300,512,512
 
 --predictor=model runs the network of --config with random parameters (the cost does not depend
 on the values); --predictor=toy replaces the network by a cheap jitted function of the tile, to
@@ -83,12 +84,13 @@ def synthetic_volume(shape, seed=0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo")
-    parser.add_argument("--shape", default="60,110,120", help="preprocessed D,H,W")
+    parser.add_argument("--shape", action="append",
+                        help="preprocessed D,H,W; repeat for several volumes (one compile)")
     parser.add_argument("--predictor", choices=("model", "toy"), default="model")
     parser.add_argument("--spacing", default="4,3,3", help="mm, z,y,x of the preprocessed grid")
     args = parser.parse_args()
     config = load_config(args.config)
-    shape = tuple(int(s) for s in args.shape.split(","))
+    shapes = [tuple(int(s) for s in a.split(",")) for a in (args.shape or ["60,110,120"])]
     spacing = tuple(float(s) for s in args.spacing.split(","))
 
     t0 = time.perf_counter()
@@ -110,27 +112,30 @@ def main():
     jax.block_until_ready(tile_fn(tiles, mask))
     t_batch = time.perf_counter() - t1
 
-    image = synthetic_volume(shape)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    t2 = time.perf_counter()
-    diag = diagnose.diagnose_volume(image, [True, True, True, False], tile_fn, spacing, config)
-    total = time.perf_counter() - t2
-    out = {
-        "config": args.config, "predictor": args.predictor, "shape": shape,
-        "patch": tuple(config.input.patch_size), "tile_batch": config.inference.tile_batch,
-        "tiles": diag.seconds["tiles"], "compile_s": round(t_compile, 2),
-        "seconds_per_tile_batch": round(t_batch, 4),
-        "sliding_window_s": round(diag.seconds["sliding_window"], 2),
-        "postprocess_s": round(diag.seconds["postprocess"], 2),
-        "patient_score_s": round(diag.seconds["patient_score"], 2),
-        "total_s": round(total, 2), "lesions": len(diag.lesions),
-        "input_gib": round(image.nbytes / 2**30, 3),
-        "probs_gib": round(diag.probs.nbytes / 2**30, 3),
-        "peak_rss_before_gib": round(rss_before, 3),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "backend": jax.default_backend(), "load_avg": os.getloadavg(),
-    }
-    print(json.dumps(out))
+    for shape in shapes:
+        image = synthetic_volume(shape)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        t2 = time.perf_counter()
+        diag = diagnose.diagnose_volume(image, [True, True, True, False], tile_fn, spacing,
+                                        config)
+        total = time.perf_counter() - t2
+        out = {
+            "config": args.config, "predictor": args.predictor, "shape": shape,
+            "patch": tuple(config.input.patch_size), "tile_batch": config.inference.tile_batch,
+            "tiles": diag.seconds["tiles"], "compile_s": round(t_compile, 2),
+            "seconds_per_tile_batch": round(t_batch, 4),
+            "sliding_window_s": round(diag.seconds["sliding_window"], 2),
+            "postprocess_s": round(diag.seconds["postprocess"], 2),
+            "patient_score_s": round(diag.seconds["patient_score"], 2),
+            "total_s": round(total, 2), "lesions": len(diag.lesions),
+            "input_gib": round(image.nbytes / 2**30, 3),
+            "probs_gib": round(diag.probs.nbytes / 2**30, 3),
+            "peak_rss_before_gib": round(rss_before, 3),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "backend": jax.default_backend(), "load_avg": os.getloadavg(),
+        }
+        print(json.dumps(out), flush=True)
+        del image, diag
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def sliding_window_inference(volume: np.ndarray, phase_mask: np.ndarray, tile_fn
         current = pending
         if b + 1 < len(batches):  # dispatch the next batch before blocking on this one
             pending = tile_fn(gather(batches[b + 1]), tiled_mask)
-        probs = np.asarray(current[0], np.float32)
+        probs = np.array(current[0], np.float32)  # a writable copy
         if acc is None:
             num_c = probs.shape[-1]
             acc = np.zeros((depth, pshape[1], pshape[2], num_c), np.float32)
@@ -150,8 +150,9 @@ def sliding_window_inference(volume: np.ndarray, phase_mask: np.ndarray, tile_fn
         if current[1] is not None:
             tile_aux = np.asarray(current[1], np.float32)[:len(batch)].max(0)
             aux = tile_aux if aux is None else np.maximum(aux, tile_aux)
+        probs *= weights[None, ..., None]  # own copy (np.asarray above may share memory)
         for (z, y, x), p in zip(batch, probs):
-            acc[z - z0:z - z0 + pz, y:y + py, x:x + px] += p * weights[..., None]
+            acc[z - z0:z - z0 + pz, y:y + py, x:x + px] += p
             wsum[z - z0:z - z0 + pz, y:y + py, x:x + px] += weights
         done = batches[b + 1][0][0] if b + 1 < len(batches) else pshape[0]
         if done > z0:  # slices before `done` get no more tiles: normalise and flush
