@@ -365,9 +365,12 @@ def _anatomy(rng, grid):
     r_ivc = rng.uniform(9, 12) * s
 
     # Liver: right lobe + left lobe ellipsoids, smooth union, deformed, clipped to the cavity.
-    dome = z_hi - rng.uniform(5, 25)
+    # The dome lies inside the scan (with room for the deformation); short scans get a
+    # shorter liver rather than a truncated one.
+    dome = z_hi - rng.uniform(18, 35)
     rx, ry, rz = (np.array([rng.uniform(80, 95), rng.uniform(85, 100), rng.uniform(70, 85)])
                   * s)
+    rz = min(rz, 0.4 * (z_hi - z_lo))
     cr = np.array([-(a - fat - wall) + rx * rng.uniform(0.85, 0.95),
                    rng.uniform(-20, 5) * s, dome - rz])
     cl = cr + np.array([rng.uniform(85, 105), rng.uniform(-45, -30), rng.uniform(15, 30)]) * s
@@ -420,7 +423,7 @@ def _anatomy(rng, grid):
         _paint_ellipsoid(tissue, grid, kc, kr * 0.3, ids["fat"], rot=rot)  # sinus fat
 
     # Bowel: soft-tissue loops with gas, anterior and below the liver, in visceral fat only.
-    for _ in range(int(rng.integers(6, 14))):
+    for _ in range(int(rng.integers(14, 26))):
         c = (rng.uniform(-0.5, 0.6) * a, rng.uniform(-0.75, 0.1) * b,
              rng.uniform(z_lo, dome - 60 * s))
         r = rng.uniform(12, 22) * s
@@ -482,11 +485,15 @@ def _branch(rng, tissue, grid, p0, p1, r0, depth, value, where):
 # ------------------------------------------------------------------------------ lesions
 
 
-def _draw_lesions(rng, size):
-    """Classes, subtypes and diameters (mm) of one patient's lesions, largest first."""
+def _draw_lesions(rng, size, main_class=None):
+    """Classes, subtypes and diameters (mm) of one patient's lesions, largest first.
+
+    main_class: force the main diagnosis (the rest is drawn as usual), or None to draw it.
+    """
     p = SIZES[size]
     names = list(MAIN_CLASS_PROB)
     main = names[rng.choice(len(names), p=np.array(list(MAIN_CLASS_PROB.values())))]
+    main = main if main_class is None else main_class
     lo, hi = MAIN_CLASS_COUNT[main]
     n = int(rng.integers(lo, hi + 1)) if main != "meta" else int(
         min(hi, lo + rng.geometric(0.35) - 1))
@@ -879,19 +886,24 @@ def _regrid(rng, img, grid):
     return res, kind
 
 
-def generate_case(seed, index, size="demo", keep_clean=False):
+def generate_case(seed, index, size="demo", keep_clean=False, main_class=None):
     """Generates case `index` of the cohort of `seed` (deterministic in (seed, index)).
 
     Returns a SyntheticCase; keep_clean=True also returns the canonical-grid arrays before
-    acquisition effects (see SyntheticCase.clean).
+    acquisition effects (see SyntheticCase.clean). main_class (one of LESION_CLASSES) forces the
+    patient's main diagnosis, e.g. for class-balanced samples; None draws it from
+    MAIN_CLASS_PROB.
     """
     if size not in SIZES:
         raise ValueError(f"Unknown synthetic size {size!r}; expected one of {sorted(SIZES)}")
+    if main_class is not None and main_class not in MAIN_CLASS_PROB:
+        raise ValueError(f"Unknown main_class {main_class!r}; expected one of "
+                         f"{list(LESION_CLASSES)}")
     rng = np.random.default_rng([int(seed), int(index)])
     name = f"syn_{index:04d}"
     grid = _make_grid(rng, size)
     tissue, geom = _anatomy(rng, grid)
-    placed = _place_lesions(rng, _draw_lesions(rng, size), tissue, grid)
+    placed = _place_lesions(rng, _draw_lesions(rng, size, main_class), tissue, grid)
     lesions = _render_lesions(rng, placed, tissue, grid)
     _dilated_ducts(rng, lesions, tissue, grid, geom)
 
