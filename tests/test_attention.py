@@ -2,14 +2,23 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lidia_jax.model.position import sine_position_3d, split_channels
-from lidia_jax.model.transformer_decoder import TransformerDecoder, attention_mask, \
-    masked_attention
+from lidia_jax.model.transformer_decoder import PredictionHeads, TransformerDecoder, \
+    attention_mask, masked_attention
+
+
+def random_params(module, *args, scale):
+    """Plain params of `module` (unboxed from the logical-partitioning boxes), N(0, scale)."""
+    abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args))
+    rng = np.random.default_rng(0)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) * scale, jnp.float32), abstract["params"])
 
 
 def naive_masked_attention(q, k, v, allowed):
@@ -103,12 +112,7 @@ def test_decoder_with_every_mask_blocked_stays_finite():
                              num_classes=4, mask_dim=4, acl_dim=4)
     ms = [jnp.ones((1, 2, 2, 2, 16)), jnp.ones((1, 4, 4, 4, 16))]
     mf = jnp.ones((1, 8, 8, 8, 4))
-    params = jax.eval_shape(dec.init, jax.random.PRNGKey(0), ms, mf)["params"]
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda s: jnp.asarray(rng.normal(size=s.unbox().shape if hasattr(s, "unbox") else
-                                         s.shape) * 0.3, jnp.float32), params,
-        is_leaf=lambda x: hasattr(x, "unbox"))
+    params = random_params(dec, ms, mf, scale=0.3)
     last = params["heads"]["mask_embed_2"]
     params["heads"]["mask_embed_2"] = {"kernel": jnp.zeros_like(last["kernel"]),
                                        "bias": -jnp.ones_like(last["bias"])}
@@ -118,3 +122,28 @@ def test_decoder_with_every_mask_blocked_stays_finite():
         assert np.isfinite(np.asarray(v)).all()
     g = jax.grad(lambda p: jnp.sum(dec.apply({"params": p}, ms, mf)["logits"]))(params)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
+
+
+def test_prediction_heads_match_numpy():
+    """LayerNorm -> class Linear; 3-layer mask MLP dotted with mask_features; ACL projection
+    (2-layer MLP) L2-normalised: all written out in numpy from the module's params."""
+    rng = np.random.default_rng(3)
+    heads = PredictionHeads(num_classes=4, mask_dim=3, acl_dim=5)
+    q = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    mf = rng.normal(size=(2, 2, 3, 4, 3)).astype(np.float32)
+    params = random_params(heads, q, mf, scale=0.5)
+    logits, masks, embed = heads.apply({"params": params}, q, mf)
+    p = jax.tree_util.tree_map(np.asarray, params)
+    lin = lambda x, d: x @ d["kernel"] + d["bias"]
+    mu, var = q.mean(-1, keepdims=True), q.var(-1, keepdims=True)
+    x = (q - mu) / np.sqrt(var + 1e-5) * p["decoder_norm"]["scale"] + p["decoder_norm"]["bias"]
+    np.testing.assert_allclose(logits, lin(x, p["class_embed"]), atol=1e-4)
+    m = np.maximum(lin(x, p["mask_embed_0"]), 0)
+    m = lin(np.maximum(lin(m, p["mask_embed_1"]), 0), p["mask_embed_2"])
+    want = np.zeros((2, 6, 2, 3, 4))
+    for b in range(2):
+        for i in range(6):
+            want[b, i] = (mf[b] * m[b, i]).sum(-1)
+    np.testing.assert_allclose(masks, want, atol=1e-4)
+    z = lin(np.maximum(lin(x, p["acl_proj_0"]), 0), p["acl_proj_1"])
+    np.testing.assert_allclose(embed, z / np.linalg.norm(z, axis=-1, keepdims=True), atol=1e-5)

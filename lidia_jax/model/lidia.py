@@ -80,6 +80,10 @@ class LIDIA(nn.Module):
         skips = Encoder(features, self.kernel_sizes, self.strides, remat=self.remat,
                         impl=self.conv_impl, dtype=self.dtype, name="encoder")(x)
         if self.head == "per_voxel":
+            if tuple(self.strides[0]) != (1, 1, 1):
+                raise ValueError(f"config.model.strides[0]={tuple(self.strides[0])}: the "
+                                 f"per_voxel head predicts at stage 0, which must keep the "
+                                 f"input resolution (stride (1, 1, 1), as nnU-Net plans)")
             return UNetDecoder(features, self.kernel_sizes, self.strides, NUM_LABEL_CODES,
                                impl=self.conv_impl, dtype=self.dtype, name="unet_decoder")(skips)
         if self.head != "mask2former":
