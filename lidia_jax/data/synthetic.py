@@ -51,7 +51,7 @@ LABEL_CODE = {name: code for code, name in enumerate(LABELS)}
 # Attenuation tables (HU, per phase NC, A, V, D), from shared/spec/enhancement_patterns.md.
 
 # Background anatomy. Tissues the table does not list (bowel wall, kidney medulla, gallbladder,
-# bile ducts, bowel gas) get textbook values; they are never labelled.
+# bile ducts, bowel gas) get textbook values; only the bile ducts are labelled (as liver).
 ANATOMY_HU = {
     "air": (-1000, -1000, -1000, -1000),
     "fat": (-100, -100, -100, -100),
@@ -71,6 +71,9 @@ ANATOMY_HU = {
 
 # Lesion compartments per class (and per subtype for "others"). Values relative to the liver of
 # the same case are written as ("liver+", offset) and resolved per case (the HCC capsule).
+# Where the spec leaves a phase open, the value is a plausible one that keeps the spec's signs:
+# HCC capsule NC/A (not yet enhancing), ICC and meta rim in D, abscess rim/halo NC, AML vessels
+# outside A, adenoma and cystadenoma D.
 LESION_HU = {
     "HCC": {"tumour": (45, 115, 90, 78), "capsule": (45, 70, ("liver+", 20), ("liver+", 20)),
             "necrosis": (30, 30, 30, 30)},
@@ -120,6 +123,7 @@ SIZES = {
                   calc_mm=(9, 14)),
     "demo": dict(inplane_spacing=(2.5, 3.5), slice_spacing=(4.0, 5.0), inplane_size=(100, 128),
                  num_slices=(48, 60), fov_mm=(300, 420), lesion_mm=(12, 60), calc_mm=(6, 12)),
+    # full: slice spacing drawn from the usual reconstructions 1, 1.25, 2, 2.5, 3, 5 mm.
     "full": dict(inplane_spacing=(0.6, 0.9), slice_spacing=(1.0, 5.0), inplane_size=(512, 512),
                  num_slices=None, z_extent_mm=(200, 260), fov_mm=None, lesion_mm=(3, 120),
                  calc_mm=(2, 10)),
@@ -905,6 +909,9 @@ def generate_case(seed, index, size="demo", keep_clean=False, main_class=None):
     tissue, geom = _anatomy(rng, grid)
     placed = _place_lesions(rng, _draw_lesions(rng, size, main_class), tissue, grid)
     lesions = _render_lesions(rng, placed, tissue, grid)
+    if not lesions:  # only a degenerate grid (no liver in the field of view) gets here
+        raise RuntimeError(f"synthetic case {name} (seed {seed}, size {size}): no lesion could "
+                           f"be placed in the liver")
     _dilated_ducts(rng, lesions, tissue, grid, geom)
 
     timing = float(rng.uniform(0.85, 1.15))
