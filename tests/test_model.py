@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import load_config
-from lidia_jax.model import LOGICAL_AXIS_RULES, build_model, count_params, model_cost
+from lidia_jax.model import LOGICAL_AXIS_RULES, build_model, count_params, \
+    logical_axis_rules, model_cost
 from lidia_jax.model.encoder import Encoder
 from lidia_jax.model.flops import forward_flops
 from lidia_jax.model.fusion import FUSIONS, build_fusion
@@ -353,11 +354,15 @@ def test_logical_partitioning_boxes_unbox_and_map_to_mesh():
     assert count_params(boxed) == count_params(plain) == sum(int(np.prod(v.shape))
                                                              for v in leaves)
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
-    for name, rules in LOGICAL_AXIS_RULES.items():
+    for rules, sharded in ((LOGICAL_AXIS_RULES, True), (logical_axis_rules("replicated"), False)):
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        k = shardings["params"]["encoder"]["stage_0"]["block0"]["conv"]["conv"]["kernel"]
-        want = (None, None, None, None, "data" if name == "fsdp" else None)
-        assert tuple(k.spec) + (None,) * (5 - len(k.spec)) == want
+        conv = shardings["params"]["encoder"]["stage_0"]["block0"]["conv"]["conv"]
+        want = (None, None, None, None, "data" if sharded else None)
+        assert tuple(conv["kernel"].spec) + (None,) * (5 - len(conv["kernel"].spec)) == want
+        assert tuple(conv["bias"].spec) == ()  # unboxed leaves: replicated
+        # Same tree structure as the unboxed params: usable as jit out_shardings.
+        assert (jax.tree_util.tree_structure(plain) ==
+                jax.tree_util.tree_structure(shardings))
 
 
 def test_forward_flops_of_a_convolution_matches_analytic_count():

@@ -5,7 +5,7 @@ Every kernel is created with `nn.with_logical_partitioning`, so `model.init` ret
 
   variables = model.init(rng, image, phase_mask)            # boxed leaves
   logical = nn.get_partition_spec(variables)                # PartitionSpec of logical names
-  shardings = nn.logical_to_mesh_sharding(logical, mesh, logical_axis_rules("fsdp"))
+  shardings = nn.logical_to_mesh_sharding(logical, mesh, LOGICAL_AXIS_RULES)
   params = nn.meta.unbox(variables)["params"]               # plain arrays (what optax sees)
   model.apply({"params": params}, image, phase_mask)        # apply accepts boxed or plain
 
@@ -37,12 +37,16 @@ _FSDP = (
     ("classes", None), ("mask", None), ("acl", None), ("queries", None), ("norm", None),
 )
 
-LOGICAL_AXIS_RULES = {"replicated": _REPLICATED, "fsdp": _FSDP}
+# The rules table the train step maps logical names with (param_sharding "logical"): FSDP.
+LOGICAL_AXIS_RULES = _FSDP
+
+_BY_MODE = {"replicated": _REPLICATED, "fsdp": _FSDP, "logical": _FSDP}
 
 
-def logical_axis_rules(param_sharding: str = "replicated") -> Tuple[Tuple[str, str | None], ...]:
-    """Rules for `nn.logical_to_mesh_sharding`, by config.train.param_sharding."""
-    if param_sharding not in LOGICAL_AXIS_RULES:
+def logical_axis_rules(param_sharding: str = "logical") -> Tuple[Tuple[str, str | None], ...]:
+    """Rules for `nn.logical_to_mesh_sharding` by config.train.param_sharding: "replicated"
+    maps every logical axis to None; "fsdp" / "logical" give LOGICAL_AXIS_RULES."""
+    if param_sharding not in _BY_MODE:
         raise ValueError(f"config.train.param_sharding={param_sharding!r}: expected one of "
-                         f"{sorted(LOGICAL_AXIS_RULES)}")
-    return LOGICAL_AXIS_RULES[param_sharding]
+                         f"{sorted(_BY_MODE)}")
+    return _BY_MODE[param_sharding]
