@@ -171,6 +171,8 @@ def test_fusion_phase_masks(name):
     np.testing.assert_array_equal(np.asarray(f(noisy, masks)), out)
     zeros = np.where(absent, 0.0, x).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(f(zeros, masks)), out)
+    nans = np.where(absent, np.nan, x).astype(np.float32)  # not even NaN leaks
+    np.testing.assert_array_equal(np.asarray(f(nans, masks)), out)
     for i in range(4):  # batch of one sample, other masks: a second (and last) compilation
         np.testing.assert_allclose(np.asarray(f(x[i:i + 1], masks[i:i + 1]))[0], out[i],
                                    atol=1e-5)

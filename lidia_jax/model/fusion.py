@@ -122,8 +122,10 @@ class EarlyFusion(nn.Module):
     @nn.compact
     def __call__(self, image, phase_mask):
         present = _check_inputs(image, phase_mask)
-        m = present[:, None, None, None, :].astype(image.dtype)
-        x = jnp.concatenate([image * m, jnp.broadcast_to(m, image.shape)], axis=-1)
+        m = present[:, None, None, None, :]
+        # where() rather than multiply: an absent channel holding inf/NaN must not leak.
+        x = jnp.concatenate([jnp.where(m, image, 0.0).astype(image.dtype),
+                             jnp.broadcast_to(m, image.shape).astype(image.dtype)], axis=-1)
         return ContextBlock(self.features, self.kernel_size, impl=self.impl, dtype=self.dtype,
                             name="stem")(x)
 
