@@ -1,0 +1,268 @@
+"""scripts/ablation.py and scripts/benchmark.py: arguments, commands, resumability, tables.
+
+The ablation tables are written from metrics.json files made by the real evaluation code
+(metrics.summarize + report's JSON conversion) and checked against AUCs and Dice computed here
+with sklearn / numpy. The benchmark runs one real figure (--quick, Hungarian) in-process.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from conftest import ROOT
+
+from lidia_jax.evaluation import metrics as metrics_lib
+from lidia_jax.evaluation import report as report_lib
+
+LESIONS = ("HCC", "ICC", "meta", "heman", "FNH", "cyst", "calc", "others")
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    return _load_script("ablation")
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return _load_script("benchmark")
+
+
+# Patients' true lesion codes (2 HCC .. 9 others): every class present in some but not all
+# patients except calc (8), absent everywhere -> no AUC.
+PATIENT_CODES = [[2], [3, 4], [2, 5], [6], [7, 9], [4], [9], [5, 3]]
+
+
+def _write_fake_metrics(workdir, seed, with_lesion_pred):
+    """A metrics.json as evaluate_cache writes it; returns (truth [N, 8], scores [N, 8], dice)."""
+    rng = np.random.default_rng(seed)
+    records, truth, scores = [], [], []
+    inter = gt_vox = pred_vox = 0
+    for k, codes in enumerate(PATIENT_CODES):
+        gt_seg = np.ones((2, 3, 3), np.uint8)
+        gt_seg[0, 0, :2] = codes[0]  # a 2-voxel true lesion
+        gt_inst = (gt_seg >= 2).astype(np.uint16)
+        pred_seg = np.ones_like(gt_seg)
+        if with_lesion_pred[k]:
+            pred_seg[0, 0, 1:3] = codes[0]  # overlaps the truth by one voxel
+        pred_inst = (pred_seg >= 2).astype(np.uint16)
+        probs = rng.random(8)
+        records.append(metrics_lib.case_record(
+            f"case_{k}", gt_seg, gt_inst, {1: codes[0]}, pred_seg, pred_inst,
+            {1: codes[0]} if with_lesion_pred[k] else {}, probs, float(rng.random()), 0.2,
+            patient_codes=codes))
+        truth.append([c in codes for c in range(2, 10)])
+        scores.append(probs)
+        inter += int(with_lesion_pred[k])
+        gt_vox += 2
+        pred_vox += 2 * int(with_lesion_pred[k])
+    summary = metrics_lib.summarize(records, LESIONS, ("HCC", "ICC", "meta"),
+                                    ("heman", "FNH", "cyst", "calc"))
+    out = pathlib.Path(workdir) / "test_report"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(report_lib._json_ready(summary)))
+    (pathlib.Path(workdir) / "test_metrics.json").write_text(json.dumps({"auc8": 0.0}))
+    return np.array(truth), np.array(scores), 2.0 * inter / (gt_vox + pred_vox)
+
+
+def _expected_aucs(truth, scores):
+    return [roc_auc_score(truth[:, c], scores[:, c]) if 0 < truth[:, c].sum() < len(truth)
+            else None for c in range(8)]
+
+
+def test_ablation_rows_are_valid_configs(ablation):
+    """Every row's config string parses and sets what its table says it changes."""
+    expect = {"t2_early": ("per_voxel", "early", True, False, "volume"),
+              "t2_hemis": ("per_voxel", "hemis", False, False, "volume"),
+              "t2_convlstm": ("per_voxel", "convlstm", False, False, "volume"),
+              "t2_ifm": ("per_voxel", "ifm", False, False, "volume"),
+              "t3_baseline": ("mask2former", "early", False, False, "volume"),
+              "t3_focal": ("mask2former", "early", False, False, "volume"),
+              "t3_livermax": ("mask2former", "early", False, False, "livermax"),
+              "t3_ifm": ("mask2former", "ifm", False, False, "livermax"),
+              "t3_acl": ("mask2former", "ifm", False, False, "livermax"),
+              "t3_sam": ("mask2former", "ifm", False, True, "livermax")}
+    assert set(expect) == set(ablation.ROWS)
+    for name, (head, fusion, drop_d, sam, score) in expect.items():
+        c = ablation.row_config("demo", name, "/tmp/r", steps=7)
+        assert (c.model.head, c.model.fusion, c.data.drop_delayed, c.optim.sam,
+                c.inference.patient_score) == (head, fusion, drop_d, sam, score), name
+        assert c.train.num_steps == 7 and c.input.patch_size == (32, 64, 64)
+        assert c.data.root == "/tmp/r/data/synthetic"
+    cls = {n: ablation.row_config("smoke", n, "/r").loss for n in ablation.ROWS}
+    assert cls["t3_baseline"].cls_loss == "ce" and cls["t3_focal"].cls_loss == "focal"
+    assert cls["t3_ifm"].contrastive == "none" and cls["t3_acl"].contrastive == "acl"
+
+
+def test_ablation_dry_run_commands(ablation, capsys, tmp_path):
+    assert ablation.main(["--root", str(tmp_path), "--base", "smoke", "--steps", "3",
+                          "--rows", "t2_ifm", "delayed", "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")]
+    assert len(lines) == 2
+    train = lines[0]
+    assert "-m lidia_jax.main" in train and f"--workdir={tmp_path}/t2_ifm" in train
+    assert "lidia.py:smoke,head=per_voxel" in train and "fusion=ifm" in train
+    assert f"--config.data.root={tmp_path}/data/synthetic" in train
+    assert f"--config.data.cache_dir={tmp_path}/data/preprocessed" in train
+    assert train.endswith("--config.train.num_steps=3")
+    assert "--evaluate-without-delayed" in lines[1] and "--steps=3" in lines[1]
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--base", "nonsense"])
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--rows", "t9_unknown"])
+
+
+def test_ablation_resume_states(ablation, tmp_path):
+    work = tmp_path / "t3_sam"
+    assert ablation.row_status(work) == "new"
+    (work / "checkpoints" / "2").mkdir(parents=True)
+    assert ablation.row_status(work) == "partial"
+    (work / "test_metrics.json").write_text("{}")
+    (work / "test_report").mkdir()
+    (work / "test_report" / "metrics.json").write_text("{}")
+    assert ablation.row_status(work) == "done"
+    args = ablation.parse_args(["--root", str(tmp_path), "--base", "smoke"])
+    argv = ablation.row_command("t3_sam", args)
+    (work / ablation.ROW_FILE).write_text(json.dumps({"command": argv}))
+    ablation.check_same_command(work, argv)  # same command: accepted
+    ablation.check_same_command(work, ["/other/python"] + argv[1:])  # other interpreter too
+    other = ablation.row_command("t3_sam", ablation.parse_args(
+        ["--root", str(tmp_path), "--base", "smoke", "--steps", "5"]))
+    with pytest.raises(SystemExit, match="Delete"):
+        ablation.check_same_command(work, other)
+
+
+def test_ablation_tables_from_metrics(ablation, tmp_path):
+    n = len(PATIENT_CODES)
+    expected = {}
+    for name, seed, pred in (("t2_ifm", 1, [True] * n), ("t3_sam", 2, [True, False] * (n // 2)),
+                             ("delayed", 3, [False, True] * (n // 2))):
+        expected[name] = _write_fake_metrics(tmp_path / name, seed, pred)
+    out = tmp_path / "tables" / "abl.md"
+    assert ablation.main(["--root", str(tmp_path), "--base", "smoke", "--tables-only",
+                          "--out", str(out)]) == 0
+    md = out.read_text()
+    data = json.loads(out.with_suffix(".json").read_text())
+    for name, (truth, scores, dice) in expected.items():
+        aucs = _expected_aucs(truth, scores)
+        got = data["rows"][name]["metrics"]
+        for c, want in enumerate(aucs):
+            assert (got["auc"][LESIONS[c]] is None) == (want is None)
+            if want is not None:
+                assert got["auc"][LESIONS[c]] == pytest.approx(want)
+        assert got["auc8"] == pytest.approx(np.mean([a for a in aucs if a is not None]))
+        assert got["lesion_dice"] == pytest.approx(dice)
+        row_line = next(l for l in md.splitlines() if f"(`{name}`)" in l) if name != "delayed" \
+            else next(l for l in md.splitlines() if l.startswith("| without D"))
+        cells = [c.strip() for c in row_line.strip("|").split("|")]
+        assert cells[1:9] == ["n/a" if a is None else f"{a:.3f}" for a in aucs]
+        assert cells[9] == f"{got['auc8']:.3f}" and cells[11] == f"{dice:.3f}"
+    assert data["rows"]["t3_acl"]["status"] == "new" and "| +ACL (`t3_acl`) | new |" in md
+    # Delayed phase: per-class difference with D (t3_sam) minus without (delayed).
+    a_with = _expected_aucs(*expected["t3_sam"][:2])
+    a_without = _expected_aucs(*expected["delayed"][:2])
+    for c, name in enumerate(LESIONS):
+        want = None if a_with[c] is None else a_with[c] - a_without[c]
+        assert data["delayed"]["auc"][name] == (None if want is None else pytest.approx(want))
+    diff_line = next(l for l in md.splitlines() if l.startswith("| difference"))
+    assert "n/a" in diff_line  # calc has no AUC in either run
+    assert "Table 2" in md and "Table 3" in md and "Command: `" in md
+
+
+def test_without_delayed_cache(ablation, tmp_path):
+    from lidia_jax.data import preprocessing
+
+    case = tmp_path / "c1"
+    case.mkdir()
+    image = np.random.default_rng(0).normal(size=(2, 3, 4, 4)).astype(np.float32)
+    np.save(case / "image.npy", image)
+    np.save(case / "seg.npy", np.ones((2, 3, 4), np.uint8))
+    np.save(case / "inst.npy", np.zeros((2, 3, 4), np.uint16))
+    (case / "meta.json").write_text(json.dumps({"case": "c1", "phase_mask": [1, 1, 1, 1]}))
+    (tmp_path / "plan.json").write_text(json.dumps(
+        {"fingerprint": "x", "splits": {"train": [], "val": [], "test": ["c1"]}}))
+    view = ablation.WithoutDelayed(preprocessing.Cache(tmp_path))
+    data = view.load("c1")
+    assert view.case_names("test") == ["c1"]
+    np.testing.assert_array_equal(data["image"][..., :3], image[..., :3])
+    assert not data["image"][..., 3].any()
+    assert data["meta"]["phase_mask"] == [True, True, True, False]
+    np.testing.assert_array_equal(np.load(case / "image.npy"), image)  # cache untouched
+    assert data["seg"].shape == (2, 3, 4)
+
+
+def test_benchmark_fake_batch_layout(benchmark, smoke_config):
+    b = benchmark.fake_batch(smoke_config, 3)
+    d, h, w = smoke_config.input.patch_size
+    t = smoke_config.data.max_instances
+    assert b["image"].shape == (3, d, h, w, 4) and b["masks"].shape == (3, t, d, h, w)
+    for k in range(3):
+        np.testing.assert_array_equal(b["masks"][k, 0], b["semantic"][k] >= 1)
+        np.testing.assert_array_equal(b["masks"][k, 1], b["semantic"][k] >= 2)
+        lesion_codes = np.unique(b["semantic"][k][b["semantic"][k] >= 2])
+        assert lesion_codes.tolist() == [b["classes"][k, 1] + 1]  # class index = code - 1
+        assert b["valid"][k].tolist() == [True, True] + [False] * (t - 2)
+        assert not b["masks"][k, 2:].any()
+    assert not b["image"][1, ..., 3].any() and b["phase_mask"][:, 3].tolist() == [True, False,
+                                                                                  True]
+
+
+def test_benchmark_args_and_markdown(benchmark):
+    args = benchmark.parse_args(["--quick"])
+    assert (args.repeats, args.warmup, args.configs, args.shapes) == (1, 1, ["smoke"],
+                                                                      ["20,40,40"])
+    assert benchmark.plan_items(args, "cpu")[0] == ("train", "smoke")
+    full = benchmark.parse_args([])
+    assert [s for _, s in benchmark.plan_items(full, "gpu") if _ == "train"] == [
+        "smoke", "demo", "paper"]
+    assert [s for _, s in benchmark.plan_items(full, "cpu") if _ == "train"] == ["smoke", "demo"]
+    for bad in (["--shapes", "1,2"], ["--shapes", "a,b,c"], ["--repeats", "0"],
+                ["--hungarian-targets", "51"], ["--only", "nope"]):
+        with pytest.raises(SystemExit):
+            benchmark.parse_args(bad)
+    env = {"date_utc": "d", "command": "c", "git_commit": "g", "backend": "cpu",
+           "devices": ["cpu:0 cpu"], "cpu_model": "m", "cpu_count": 2, "load_average": [1.0],
+           "jax": "j", "jaxlib": "j", "python": "p"}
+    results = {"environment": env, "repeats": 3, "warmup": 1,
+               "train": [{"config": "smoke", "patch": [16, 32, 32], "batch": 2, "params": 1234,
+                          "step_s": 0.5, "samples_per_s": 4.0, "first_step_s": 9.0,
+                          "peak_device_bytes": None, "peak_rss_bytes": 2**31},
+                         {"config": "demo", "error": "child exited 1: boom"}],
+               "unet": {"skipped": "torch not installed (pip install -e .[bench])"},
+               "inference": [{"shape": [60, 90, 110], "config": "demo", "patch": [32, 64, 64],
+                              "tile_batch": 2, "tiles": 27, "estimated": True, "case_s": 10.0,
+                              "voxels_per_s": 59400.0, "network_s": 8.0,
+                              "seconds_per_tile_batch": 0.5, "peak_device_bytes": None,
+                              "peak_rss_bytes": 2**30}]}
+    md = benchmark.markdown(results)
+    assert "| smoke | 16x32x32 | 2 | 1,234 | 0.500 | 4.00 | 9.0 | n/a | 2.00 |" in md
+    assert "| demo | error: child exited 1: boom |" in md
+    assert "Skipped: torch not installed" in md
+    assert "| 60x90x110 | 27 | 10.00 | 5.94e+04 | 8.00 | 0.5000 | n/a | 1.00 | estimated" in md
+
+
+def test_benchmark_quick_hungarian(benchmark, tmp_path):
+    """One real figure end to end (in-process): JSON + markdown with positive times."""
+    rc = benchmark.main(["--quick", "--only", "hungarian", "--hungarian-targets", "1", "3",
+                         "--no-isolate", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = data["hungarian"]["rows"]
+    assert [r["targets"] for r in rows] == [1, 3]
+    for r in rows:
+        for key in ("jax_single_us", "jax_vmap2_us", "scipy_single_us", "scipy_batch2_us"):
+            assert r[key] > 0
+    assert data["environment"]["backend"] == "cpu" and data["environment"]["devices"]
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| 50 x 3 |" in md and "Backend: cpu" in md
