@@ -145,6 +145,9 @@ def _paper():
   c.loss.deep_supervision = True
   # per-voxel head (nnU-Net): Dice + CE with deep supervision weights 1/2^i
   c.loss.ds_weights_decay = 0.5
+  # (objective) deep-supervision layers matched and lossed in parallel (vmap):
+  # 0 = all at once (accelerators); 1 = one after another (~1.6x faster on CPU)
+  c.loss.layers_in_parallel = 0
 
   # ---------------------------------------------------------- optimiser
   c.optim = ml_collections.ConfigDict()
@@ -211,6 +214,7 @@ def _demo(c):
   c.model.ffn_dim = 128
   c.model.num_heads = 4
   c.loss.num_points = 4096
+  c.loss.layers_in_parallel = 1  # (objective) CPU-friendly
   c.optim.lr = 3e-4
   c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 50
@@ -251,6 +255,7 @@ def _smoke(c):
   c.model.mask_stride_stage = 0
   c.loss.num_points = 256
   c.loss.memory_size = 32
+  c.loss.layers_in_parallel = 1  # (objective) CPU-friendly
   c.optim.lr = 1e-3
   c.train.epochs = 1
   c.train.steps_per_epoch = 4

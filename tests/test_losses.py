@@ -440,3 +440,17 @@ def test_compute_loss_errors_are_actionable():
     with pytest.raises(ValueError, match="init_memory"):
         compute_loss(outputs, batch, init_memory(4, 3), jax.random.PRNGKey(0),
                      CFG)
+
+
+def test_layers_in_parallel_does_not_change_the_loss():
+    outputs, batch = _model_shaped(4)
+    memory = init_memory(CFG.loss.memory_size, CFG.model.acl_dim)
+    values = []
+    for group in (0, 1):  # vmap over all layers / sequential lax.map
+        cfg = load_config("smoke")
+        cfg.loss.layers_in_parallel = group
+        loss, aux = jax.jit(lambda o, b, m, r, c=cfg: compute_loss(
+            o, b, m, r, c))(outputs, batch, memory, jax.random.PRNGKey(5))
+        values.append([float(loss)] + [float(v) for v in
+                                       aux["metrics"].values()])
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-5)

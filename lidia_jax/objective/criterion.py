@@ -133,9 +133,14 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         "num_masks": num_masks,
     }
     k_layers, _ = jax.random.split(rng)
-    ce, dc, cls, idx = jax.vmap(
-        lambda key, lg, mk: _layer_losses(key, lg, mk, targets, config))(
-            jax.random.split(k_layers, num_layers), class_logits, mask_logits)
+    # Layers in parallel (vmap) in groups of config.loss.layers_in_parallel
+    # (0: all at once, best on accelerators; 1: a sequential lax.map, which
+    # XLA:CPU runs ~2x faster than the batched gathers/while loops of a vmap).
+    group = int(cl.layers_in_parallel) or num_layers
+    ce, dc, cls, idx = jax.lax.map(
+        lambda args: _layer_losses(*args, targets, config),
+        (jax.random.split(k_layers, num_layers), class_logits, mask_logits),
+        batch_size=min(group, num_layers))
     seg = cl.ce_weight * ce + cl.dice_weight * dc  # [layers]
     per_layer = cl.seg_weight * seg + cl.cls_weight * cls
     total = jnp.sum(per_layer)
