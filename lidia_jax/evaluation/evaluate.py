@@ -162,8 +162,12 @@ def evaluate_from_workdir(config, workdir, input_dir, output_dir, log=print) -> 
     from lidia_jax import model as model_lib
     from lidia_jax.train import checkpoint as ckpt
 
-    plan = predict_lib.load_plan(workdir)
-    params, step = ckpt.restore_params(workdir, config.inference.checkpoint)
+    try:
+        plan = predict_lib.load_plan(workdir)
+        params, step = ckpt.restore_params(workdir, config.inference.checkpoint)
+    except FileNotFoundError as e:
+        log(f"ERROR {e}")
+        return {}
     log(f"evaluating the {config.inference.checkpoint} checkpoint (step {step}) of {workdir}")
     model = model_lib.build_model(config.model)
     return run_evaluate(config, {"params": params}, model, input_dir, output_dir, plan, log)

@@ -30,6 +30,7 @@ from scipy import ndimage
 from scipy import spatial
 
 _CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
+_SLAB = 16  # z-slices per step when gathering lesion voxels
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ def postprocess(labels: np.ndarray, probs: np.ndarray, spacing: Sequence[float],
     # EDT on the box around the detached lesions, expanded by the threshold: any liver voxel
     # within the threshold lies inside it, so in-box distances decide "<= threshold" exactly.
     min_dist = np.full(k + 1, np.inf)
-    min_dist[np.unique(lcc[liver & lesion_fg])] = 0.0
+    min_dist[np.bincount(lcc[liver & lesion_fg], minlength=k + 1) > 0] = 0.0
     is_detached = min_dist > 0
     is_detached[0] = False
     detached = is_detached[lcc]  # bool [D, H, W] (a float lookup would cost 8 bytes a voxel)
@@ -97,13 +98,18 @@ def postprocess(labels: np.ndarray, probs: np.ndarray, spacing: Sequence[float],
     min_dist = min_dist[1:]
     del detached
 
-    # Mean probability of each lesion class over each component: [k, num_codes - 2]. Gather the
-    # lesion voxels once ([N, C], N << D*H*W) instead of a full-volume pass per class.
-    ids = lcc[lesion_fg]
-    lesion_probs = np.asarray(probs)[lesion_fg][:, 2:num_codes].astype(np.float64)
-    means = np.stack([np.bincount(ids, weights=lesion_probs[:, c], minlength=k + 1)[1:]
-                      for c in range(lesion_probs.shape[1])], axis=-1) / counts[:, None]
-    del ids, lesion_probs
+    # Mean probability of each lesion class over each component: [k, num_codes - 2]. Lesion
+    # voxels are gathered slab by slab (one pass, memory bounded however large the lesions).
+    sums = np.zeros((k + 1, num_codes - 2))
+    for z in range(0, labels.shape[0], _SLAB):
+        sel = lesion_fg[z:z + _SLAB]
+        if not sel.any():
+            continue
+        ids = lcc[z:z + _SLAB][sel]
+        p = np.asarray(probs[z:z + _SLAB])[sel][:, 2:num_codes].astype(np.float32)
+        for c in range(p.shape[1]):
+            sums[:, c] += np.bincount(ids, weights=p[:, c], minlength=k + 1)
+    means = sums[1:] / counts[:, None]
 
     keep = (np.asarray(min_dist) <= max_liver_distance_mm) & (counts * voxel_mm3
                                                               >= min_lesion_volume_mm3)

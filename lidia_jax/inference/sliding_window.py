@@ -141,23 +141,25 @@ def sliding_window_inference(volume: np.ndarray, phase_mask: np.ndarray, tile_fn
         current = pending
         if b + 1 < len(batches):  # dispatch the next batch before blocking on this one
             pending = tile_fn(gather(batches[b + 1]), tiled_mask)
-        probs = np.array(current[0], np.float32)  # a writable copy
         if acc is None:
-            num_c = probs.shape[-1]
+            num_c = current[0].shape[-1]
             acc = np.zeros((depth, pshape[1], pshape[2], num_c), np.float32)
+            # One host buffer for every batch: a fresh 10 MB array per batch costs page faults.
+            probs = np.empty(current[0].shape, np.float32)
             wsum = np.zeros((depth, pshape[1], pshape[2]), np.float32)
             out = np.empty(pshape + (num_c,), out_dtype)
         if current[1] is not None:
             tile_aux = np.asarray(current[1], np.float32)[:len(batch)].max(0)
             aux = tile_aux if aux is None else np.maximum(aux, tile_aux)
-        probs *= weights[None, ..., None]  # own copy (np.asarray above may share memory)
+        np.copyto(probs, np.asarray(current[0]), casting="same_kind")
+        probs *= weights[None, ..., None]
         for (z, y, x), p in zip(batch, probs):
             acc[z - z0:z - z0 + pz, y:y + py, x:x + px] += p
             wsum[z - z0:z - z0 + pz, y:y + py, x:x + px] += weights
         done = batches[b + 1][0][0] if b + 1 < len(batches) else pshape[0]
         if done > z0:  # slices before `done` get no more tiles: normalise and flush
             n = done - z0
-            out[z0:done] = acc[:n] / wsum[:n, ..., None]
+            np.divide(acc[:n], wsum[:n, ..., None], out=out[z0:done], casting="unsafe")
             acc[:depth - n] = acc[n:]  # numpy copes with the overlapping copy
             wsum[:depth - n] = wsum[n:]
             acc[depth - n:] = 0.0
