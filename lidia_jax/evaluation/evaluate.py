@@ -127,6 +127,10 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
             failed[case.name] = str(e)
             log(f"[{i}/{len(cases)}] {case.name}: FAILED {e.file}: {e.message}")
             continue
+        except Exception as e:  # keep the cohort going; the report lists the failure
+            failed[case.name] = f"unexpected {type(e).__name__}: {e}"
+            log(f"[{i}/{len(cases)}] {case.name}: FAILED unexpected {type(e).__name__}: {e}")
+            continue
         code = {n: c for c, n in enumerate(config.data.labels)}
         pred_classes = {l["id"]: code[l["class"]] for l in report["lesions"]}
         names = diagnose_lib.lesion_names(config)
