@@ -45,11 +45,18 @@ def _check(outputs, batch, config):
                          f"config.model.num_queries.")
 
 
-def _layer_losses(rng, class_logits, mask_logits, targets, config):
+def _noise_size(num_targets, config_loss):
+    """U[0, 1) numbers one layer uses per sample: matching points + the point
+    selection of each target (see points.loss_points)."""
+    return (3 * int(config_loss.num_points)
+            + num_targets * points_lib.num_loss_noise(config_loss))
+
+
+def _layer_losses(noise, class_logits, mask_logits, targets, config):
     """Matching + L_seg + classification loss of one prediction layer.
 
     Args:
-      rng: PRNG key.
+      noise: [B, _noise_size(T, config.loss)] U[0, 1) numbers.
       class_logits: [B, Q, K+1]; mask_logits: [B, Q, d, h, w] (float32).
       targets: dict masks bool [B, T, D, H, W], classes int [B, T],
         valid bool [B, T], cumsum int32 [B, T, D*H*W], num_masks scalar.
@@ -61,9 +68,8 @@ def _layer_losses(rng, class_logits, mask_logits, targets, config):
     cl = config.loss
     num_classes = config.model.num_classes
     b, t = targets["classes"].shape
-    k_match, k_points = jax.random.split(rng)
-    # One PRNG draw per purpose: each call site costs compile time on CPU.
-    match_points = jax.random.uniform(k_match, (b, int(cl.num_points), 3))
+    num_match = 3 * int(cl.num_points)
+    match_points = noise[:, :num_match].reshape(b, -1, 3)
     idx = jax.vmap(matching_cost.match, in_axes=(0, 0, 0, 0, 0, 0, None))(
         match_points, class_logits, mask_logits,
         targets["classes"], targets["masks"], targets["valid"], cl)
@@ -74,8 +80,8 @@ def _layer_losses(rng, class_logits, mask_logits, targets, config):
     target_shape = targets["masks"].shape[2:]
     sample_points = jax.vmap(jax.vmap(
         lambda u, lg, cs: points_lib.loss_points(u, lg, cs, target_shape, cl)))
-    noise = jax.random.uniform(k_points, (b, t, points_lib.num_loss_noise(cl)))
-    pts = sample_points(noise, jax.lax.stop_gradient(matched),
+    pts = sample_points(noise[:, num_match:].reshape(b, t, -1),
+                        jax.lax.stop_gradient(matched),
                         targets["cumsum"])
     pts = jax.lax.stop_gradient(pts)
     sample = jax.vmap(jax.vmap(points_lib.trilinear_sample))
@@ -132,14 +138,17 @@ def mask2former_loss(outputs, batch, memory, rng, config):
             batch["masks"].astype(bool)),
         "num_masks": num_masks,
     }
-    k_layers, _ = jax.random.split(rng)
+    # A single PRNG draw for everything: each threefry call site adds seconds
+    # of XLA:CPU compile time.
+    noise = jax.random.uniform(
+        rng, (num_layers, valid.shape[0], _noise_size(valid.shape[1], cl)))
     # Layers in parallel (vmap) in groups of config.loss.layers_in_parallel
     # (0: all at once, best on accelerators; 1: a sequential lax.map, which
     # XLA:CPU runs ~2x faster than the batched gathers/while loops of a vmap).
     group = int(cl.layers_in_parallel) or num_layers
     ce, dc, cls, idx = jax.lax.map(
         lambda args: _layer_losses(*args, targets, config),
-        (jax.random.split(k_layers, num_layers), class_logits, mask_logits),
+        (noise, class_logits, mask_logits),
         batch_size=min(group, num_layers))
     seg = cl.ce_weight * ce + cl.dice_weight * dc  # [layers]
     per_layer = cl.seg_weight * seg + cl.cls_weight * cls
