@@ -301,6 +301,10 @@ def _fmt(x):
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _status_text(status):
+    return {"new": "not run", "partial": "training (resumable)"}.get(status, status)
+
+
 def _metric_row(label, m):
     cells = [_fmt(m["auc"][n]) for n in LESIONS] + [_fmt(m[k]) for k in SCALARS]
     return f"| {label} | " + " | ".join(cells) + " |"
@@ -349,7 +353,7 @@ def markdown(results):
                 continue
             m = rows[name]["metrics"]
             lines.append(_metric_row(f"{row.label} (`{name}`)", m) if m else
-                         f"| {row.label} (`{name}`) | {rows[name]['status']} |"
+                         f"| {row.label} (`{name}`) | {_status_text(rows[name]['status'])} |"
                          + " |" * (len(LESIONS) + len(SCALARS) - 1))
         lines.append("")
     lines += ["## Delayed phase: LIDIA (t3_sam) with vs without D at test time", ""]

@@ -168,7 +168,7 @@ def test_ablation_tables_from_metrics(ablation, tmp_path):
         cells = [c.strip() for c in row_line.strip("|").split("|")]
         assert cells[1:9] == ["n/a" if a is None else f"{a:.3f}" for a in aucs]
         assert cells[9] == f"{got['auc8']:.3f}" and cells[11] == f"{dice:.3f}"
-    assert data["rows"]["t3_acl"]["status"] == "new" and "| +ACL (`t3_acl`) | new |" in md
+    assert data["rows"]["t3_acl"]["status"] == "new" and "| +ACL (`t3_acl`) | not run |" in md
     # Delayed phase: per-class difference with D (t3_sam) minus without (delayed).
     a_with = _expected_aucs(*expected["t3_sam"][:2])
     a_without = _expected_aucs(*expected["delayed"][:2])
