@@ -3,6 +3,10 @@ end-to-end properties of compute_loss."""
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -457,3 +461,41 @@ def test_layers_in_parallel_does_not_change_the_loss():
     for name, value in aux1["metrics"].items():
         np.testing.assert_allclose(float(aux0["metrics"][name]), float(value),
                                    rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.slow
+def test_compute_loss_in_a_sharded_jit():
+    """Batch sharded over 2 host devices (auto-axis mesh, as the train step
+    uses): same loss as unsharded, gradients keep the batch sharding. A
+    subprocess, since the device count must be set before jax starts."""
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "tests")
+        import numpy as np, jax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from test_losses import _model_shaped, CFG
+        from lidia_jax.objective import compute_loss, init_memory
+        assert jax.device_count() == 2
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+        put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
+        o, b = _model_shaped(0)
+        mem = init_memory(CFG.loss.memory_size, CFG.model.acl_dim)
+        f = jax.jit(jax.value_and_grad(
+            lambda o, b, m, r: compute_loss(o, b, m, r, CFG), has_aux=True))
+        key = jax.random.PRNGKey(0)
+        (ref, _), _ = f(o, b, mem, key)
+        (loss, aux), g = f({k: put(v, P(None, "data")) for k, v in o.items()},
+                           {k: put(v, P("data")) for k, v in b.items()},
+                           jax.tree.map(lambda x: put(x, P()), mem), key)
+        np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+        assert g["masks"].sharding.spec[1] == "data", g["masks"].sharding
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK" in res.stdout

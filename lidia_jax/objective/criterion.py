@@ -7,8 +7,9 @@ config.loss.deep_supervision, for every intermediate one (outputs[...][i],
 i = 0..L), each layer with its own Hungarian matching (the layer axis is
 vmapped); the total adds the weighted L_seg + L_focal of all layers, as
 Mask2Former does. L_acl and the memory-bank update use the final layer's
-matching and embeddings only: the bank must hold one embedding per lesion and
-step, and the intermediate embeddings are not projected for contrast.
+matching and embeddings only: the paper contrasts the final queries, and the
+bank must hold one embedding per lesion and step (intermediate layers would
+enter it L+1 times, with embeddings of earlier, worse-matched queries).
 """
 
 import jax
@@ -144,7 +145,7 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         rng, (num_layers, valid.shape[0], _noise_size(valid.shape[1], cl)))
     # Layers in parallel (vmap) in groups of config.loss.layers_in_parallel
     # (0: all at once, best on accelerators; 1: a sequential lax.map, which
-    # XLA:CPU runs ~2x faster than the batched gathers/while loops of a vmap).
+    # XLA:CPU runs ~1.6x faster than the batched gathers/while loops of vmap).
     group = int(cl.layers_in_parallel) or num_layers
     ce, dc, cls, idx = jax.lax.map(
         lambda args: _layer_losses(*args, targets, config),

@@ -55,7 +55,8 @@ def sam(base, rho, eps=1e-12):
             raise ValueError("SAM (config.optim.sam=True) needs "
                              "update(grads, state, params, grad_fn=...) with "
                              "grad_fn(params) -> grads.")
-        norm = optax.tree.norm(grads)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                            for g in jax.tree.leaves(grads)))
         scale = rho / (norm + eps)
         perturbed = jax.tree.map(
             lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
