@@ -466,7 +466,9 @@ def main(argv=None):
     names = [n for n in ALL_ROWS if n in args.rows]  # the table order
     if args.dry_run:
         for name in names:
-            print(f"# {name}: {'t3_sam without the delayed phase' if name == DELAYED else ROWS[name].label}")
+            label = f"{DELAYED_SOURCE} without the delayed phase" if name == DELAYED else \
+                ROWS[name].label
+            print(f"# {name}: {label}")
             print(shlex.join(row_command(name, args)))
         return 0
     statuses = {}

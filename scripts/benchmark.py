@@ -438,7 +438,7 @@ def markdown(results):
     if train:
         lines += ["## Training step", "",
                   "| config | patch | batch | params | step (s) | samples/s | first step (s, "
-                  "compile) | peak device GiB | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
+                  "compile) | peak device GiB | peak RSS GiB |", "|---" * 9 + "|"]
         for r in train:
             if "error" in r:
                 lines.append(f"| {r['config']} | error: {r['error']} |||||||")
