@@ -116,7 +116,7 @@ def test_conv_norm_act_matches_numpy():
     got = np.asarray(block.apply({"params": params}, x))
     p = jax.tree_util.tree_map(np.asarray, params)
     for i in range(2):
-        y = _np_conv_same(x[i], p["conv"]["conv"]["kernel"], p["conv"]["conv"]["bias"])
+        y = _np_conv_same(x[i], p["conv"]["kernel"], p["conv"]["bias"])
         mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
         y = (y - mean) / np.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
         y = np.where(y >= 0, y, 0.01 * y)
@@ -129,7 +129,7 @@ def test_transposed_conv_up_matches_numpy_loop():
     up = TransposedConvUp(4, strides)
     params = random_params(up, x)
     got = np.asarray(up.apply({"params": params}, x))
-    w = np.asarray(params["conv"]["conv"]["kernel"]).reshape(3, *strides, 4)  # [C, sz, sy, sx, O]
+    w = np.asarray(params["conv"]["kernel"]).reshape(3, *strides, 4)  # [C, sz, sy, sx, O]
     want = np.zeros((1, 2, 6, 4, 4))
     for z in range(2):
         for y in range(3):
@@ -237,8 +237,11 @@ def test_convlstm_matches_numpy_recurrence():
     params = random_params(fusion, x, masks)
     got = np.asarray(fusion.apply({"params": params}, x, masks))[0]
     block = jax.jit(ContextBlock(2, (3, 3, 3)).apply)
-    w = np.asarray(params["gates"]["conv"]["kernel"])
-    bias = np.asarray(params["gates_bias"])
+    w = np.asarray(params["gates"]["kernel"])
+    bias = np.asarray(params["gates"]["bias"])
+    np.testing.assert_array_equal(  # forget-gate bias starts at 1 (real initialiser)
+        np.asarray(fusion.init(jax.random.PRNGKey(0), x, masks)["params"]["gates"]["bias"]
+                   .unbox()), np.repeat([0.0, 1.0, 0.0, 0.0], 2))
     sig = lambda a: 1 / (1 + np.exp(-a))
     h = np.zeros((2, 3, 3, 2))
     c = np.zeros_like(h)
@@ -347,7 +350,7 @@ def test_logical_partitioning_boxes_unbox_and_map_to_mesh():
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, pm)
     specs = nn.get_partition_spec(boxed)["params"]
     stage0 = specs["encoder"]["stage_0"]["block0"]
-    assert tuple(stage0["conv"]["conv"]["kernel"]) == (None, None, None, "conv_in", "conv_out")
+    assert tuple(stage0["conv"]["kernel"]) == (None, None, None, "conv_in", "conv_out")
     ffn = specs["transformer_decoder"]["ffn_0"]
     assert tuple(ffn["linear1"]["kernel"]) == ("embed", "mlp")
     plain = nn.meta.unbox(boxed)
@@ -358,25 +361,28 @@ def test_logical_partitioning_boxes_unbox_and_map_to_mesh():
     mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
     for rules, sharded in ((LOGICAL_AXIS_RULES, True), (logical_axis_rules("replicated"), False)):
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-        conv = shardings["params"]["encoder"]["stage_0"]["block0"]["conv"]["conv"]
+        conv = shardings["params"]["encoder"]["stage_0"]["block0"]["conv"]
         want = (None, None, None, None, "data" if sharded else None)
         assert tuple(conv["kernel"].spec) + (None,) * (5 - len(conv["kernel"].spec)) == want
-        assert tuple(conv["bias"].spec) == ()  # unboxed leaves: replicated
+        assert tuple(conv["bias"].spec) in ((), (None,), ("data",))
         # Same tree structure as the unboxed params: usable as jit out_shardings.
         assert (jax.tree_util.tree_structure(plain) ==
                 jax.tree_util.tree_structure(shardings))
 
 
-def test_forward_flops_of_a_convolution_matches_analytic_count():
+@pytest.mark.parametrize("impl", ["xla", "matmul"])
+def test_forward_flops_of_a_convolution_matches_analytic_count(impl):
     n, c_in, c_out, k = (4, 8, 8), 3, 5, 3
-    conv = ConvNormAct(c_out, (k, k, k))
+    conv = ConvNormAct(c_out, (k, k, k), impl=impl)
     x = jax.ShapeDtypeStruct((1, *n, c_in), jnp.float32)
     variables = nn.meta.unbox(jax.eval_shape(conv.init, jax.random.PRNGKey(0), x))
     flops = forward_flops(lambda v, x: conv.apply(v, x), variables, x)
-    # XLA counts the kernel taps that fall inside the volume ('SAME' zero padding is free).
-    inside = lambda size: sum(1 for o in range(size) for t in range(k)
-                              if 0 <= o + t - k // 2 < size)
-    macs = inside(n[0]) * inside(n[1]) * inside(n[2]) * c_out * c_in
+    if impl == "xla":  # XLA's convolution counts only taps inside the volume (padding is free)
+        inside = lambda size: sum(1 for o in range(size) for t in range(k)
+                                  if 0 <= o + t - k // 2 < size)
+        macs = inside(n[0]) * inside(n[1]) * inside(n[2]) * c_out * c_in
+    else:  # im2col: one [N, k^3 C_in] @ [k^3 C_in, C_out] product, padding taps included
+        macs = np.prod(n) * k ** 3 * c_in * c_out
     # 2 FLOPs per multiply-add, plus bias / norm / activation: a few per output voxel.
     assert 2 * macs <= flops <= 2 * macs + 30 * np.prod(n) * c_out
 

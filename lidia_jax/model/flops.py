@@ -50,7 +50,13 @@ def forward_flops(fn, *args) -> float:
 
 def model_cost(model: nn.Module, patch_size: Sequence[int], batch_size: int = 1) -> dict:
     """{"params": int, "flops": float} of one forward pass of `model` on a
-    [batch_size, *patch_size, 4] float32 image (parameters only as shapes: no memory)."""
+    [batch_size, *patch_size, 4] float32 image (parameters only as shapes: no memory).
+
+    FLOPs are those of the architecture: convolutions are counted with conv_impl "xla" (taps on
+    the zero padding are free), whatever implementation the model would run on this backend.
+    """
+    if hasattr(model, "conv_impl"):
+        model = model.clone(conv_impl="xla")
     image = jax.ShapeDtypeStruct((batch_size, *patch_size, 4), jnp.float32)
     phase_mask = jax.ShapeDtypeStruct((batch_size, 4), jnp.bool_)
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image.shape),

@@ -186,19 +186,15 @@ class ConvLSTMFusion(nn.Module):
         hs = PhaseBlocks(self.features, self.kernel_size, self.impl, self.dtype,
                          name="phase_blocks")(image)
         c = self.features
-        gates_conv = conv3d(4 * c, self.kernel_size, use_bias=False, impl=self.impl,
-                            dtype=self.dtype, name="gates")
-        gate_bias = self.param(
-            "gates_bias",
-            nn.with_logical_partitioning(
-                lambda key, shape, dtype: jnp.zeros(shape, dtype).at[c:2 * c].set(1.0),
-                ("conv_out",)),
-            (4 * c,), jnp.float32)
+        # Gate order i, f, o, g; the forget gate's bias starts at 1.
+        forget_one = lambda key, shape, dtype: jnp.zeros(shape, dtype).at[c:2 * c].set(1.0)
+        gates_conv = conv3d(4 * c, self.kernel_size, use_bias=True, impl=self.impl,
+                            dtype=self.dtype, bias_init=forget_one, name="gates")
         h = jnp.zeros(hs[0].shape, jnp.float32)
         cell = jnp.zeros(hs[0].shape, jnp.float32)
         for i, x_t in enumerate(hs):
             z = gates_conv(jnp.concatenate([x_t, h.astype(x_t.dtype)], axis=-1))
-            z = z.astype(jnp.float32) + gate_bias
+            z = z.astype(jnp.float32)
             gi, gf, go, gg = jnp.split(z, 4, axis=-1)
             new_cell = nn.sigmoid(gf) * cell + nn.sigmoid(gi) * jnp.tanh(gg)
             new_h = nn.sigmoid(go) * jnp.tanh(new_cell)

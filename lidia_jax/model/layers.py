@@ -23,11 +23,11 @@ def conv_kernel_init(init=nn.initializers.he_normal()):
 
 def conv3d(features: int, kernel_size: Sequence[int], strides: Sequence[int] = (1, 1, 1),
            use_bias: bool = True, impl: str = "auto", dtype=jnp.float32,
-           name: str | None = None) -> Conv:
-    """A `conv.Conv` (the one switchable 3-D convolution) with partitioned kernel."""
+           bias_init=nn.initializers.zeros_init(), name: str | None = None) -> Conv:
+    """A `conv.Conv` (the one switchable 3-D convolution) with partitioned kernel and bias."""
     return Conv(features=features, kernel_size=tuple(kernel_size), strides=tuple(strides),
                 use_bias=use_bias, impl=impl, dtype=dtype, kernel_init=conv_kernel_init(),
-                name=name)
+                bias_init=nn.with_logical_partitioning(bias_init, ("conv_out",)), name=name)
 
 
 def dense(features: int, axes: Tuple[str, str], dtype=jnp.float32, use_bias: bool = True,
