@@ -31,6 +31,7 @@ slows both cancels to first order.
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -97,9 +98,10 @@ def jax_micro_step(impl, shape, channels, dtype_name="float32"):
     model = Blocks()
     x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)
     params = model.init(jax.random.PRNGKey(1), x)
-    loss = lambda p: jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
+    # x is an argument, not a closure constant (XLA would constant-fold it at compile time).
+    loss = lambda p, x: jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
     step = jax.jit(jax.value_and_grad(loss))
-    return lambda: jax.block_until_ready(step(params))
+    return lambda: jax.block_until_ready(step(params, x))
 
 
 def _sgd():
@@ -153,17 +155,17 @@ def jax_unet_step(impl, patch, batch, features, full_model=False, dtype_name="fl
     tx = _sgd()
     state = [params, tx.init(params)]
 
-    def loss_fn(p):
+    def loss_fn(p, image, labels):
         return per_voxel_loss(apply(p, image, mask), {"semantic": labels}, cfg)[0]
 
-    @jax.jit
-    def step(p, opt):
-        loss, g = jax.value_and_grad(loss_fn)(p)
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, opt, image, labels):
+        loss, g = jax.value_and_grad(loss_fn)(p, image, labels)
         upd, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, upd), opt, loss
 
     def run():
-        state[0], state[1], loss = step(state[0], state[1])
+        state[0], state[1], loss = step(state[0], state[1], image, labels)
         jax.block_until_ready(loss)
     return run
 
