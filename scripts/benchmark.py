@@ -241,8 +241,9 @@ def bench_unet(repeats, warmup, quick):
     fn = getattr(module, "run_benchmark", None)
     if fn is None:
         return {"skipped": f"{path.name} has no run_benchmark(repeats, warmup, quick)"}
-    result = fn(repeats=repeats, warmup=warmup, quick=quick)
-    return {**result, **peak_memory()} if isinstance(result, dict) else {"rows": result}
+    # {"environment", "cases": [{"case", "times": {name: {"median_s", "first_s", ...}},
+    #  "ratio_to_torch": {name: JAX / PyTorch median}, ...}]}
+    return {**fn(repeats=repeats, warmup=warmup, quick=quick), **peak_memory()}
 
 
 # ------------------------------------------------------------------------ inference
@@ -455,12 +456,25 @@ def markdown(results):
             lines += [f"{'Skipped' if 'skipped' in unet else 'Error'}: "
                       f"{unet.get('skipped', unet.get('error'))}", ""]
         else:
-            lines += ["```", json.dumps(unet, indent=1, default=str), "```", ""]
+            for case in unet.get("cases", []):
+                where = (f"patch {case['patch']}, batch {case['batch']}, features "
+                         f"{case['features']}" if case["case"] == "unet"
+                         else f"input {case['input']}, channels {case['channels']}")
+                lines += [f"{case['case']} ({where}, {case['dtype']}), training step:", "",
+                          "| contender | median s | first call s | ratio to torch |",
+                          "|---|---|---|---|"]
+                for name, t in case["times"].items():
+                    ratio = case["ratio_to_torch"].get(name, 1.0)
+                    lines.append(f"| {name} | {_f(t['median_s'])} | {_f(t['first_s'], 1)} | "
+                                 f"{_f(ratio, 2)} |")
+                lines.append("")
+            lines += [f"Peak memory of that process: device {_gib(unet.get('peak_device_bytes'))}"
+                      f" GiB, RSS {_gib(unet.get('peak_rss_bytes'))} GiB.", ""]
     inference = results.get("inference")
     if inference:
         lines += ["## Inference (sliding window + post-processing + patient score, one case)",
-                  "", "| volume (D,H,W) | tiles | s / case | voxels/s | network s | s / tile "
-                  "batch | peak device GiB | peak RSS GiB | note |",
+                  "", "| volume (D,H,W) | tiles | s / case | voxels/s | network s (batches x s/batch) "
+                  "| s / tile batch | peak device GiB | peak RSS GiB | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in inference:
             if "error" in r:

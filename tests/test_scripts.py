@@ -249,6 +249,16 @@ def test_benchmark_args_and_markdown(benchmark):
     assert "| smoke | 16x32x32 | 2 | 1,234 | 0.500 | 4.00 | 9.0 | n/a | 2.00 |" in md
     assert "| demo | error: child exited 1: boom |" in md
     assert "Skipped: torch not installed" in md
+    results["unet"] = {"cases": [{"case": "unet", "patch": [16, 32, 32], "batch": 2,
+                                  "features": [16, 32], "dtype": "float32",
+                                  "times": {"jax_unet_xla": {"median_s": 0.3, "first_s": 20.0},
+                                            "torch_plainconvunet": {"median_s": 0.2,
+                                                                    "first_s": 1.0}},
+                                  "ratio_to_torch": {"jax_unet_xla": 1.5}}],
+                       "peak_device_bytes": None, "peak_rss_bytes": 2**30}
+    md = benchmark.markdown(results)
+    assert "| jax_unet_xla | 0.300 | 20.0 | 1.50 |" in md
+    assert "| torch_plainconvunet | 0.200 | 1.0 | 1.00 |" in md
     assert "| 60x90x110 | 27 | 10.00 | 5.94e+04 | 8.00 | 0.5000 | n/a | 1.00 | estimated" in md
 
 
