@@ -90,8 +90,13 @@ def test_trilinear_hits_voxels_at_normalised_indices():
 def _fg_points(mask, num):
     rng = np.random.default_rng(1)
     noise = jnp.asarray(rng.random((num, 4)), jnp.float32)
-    cs = points_lib.foreground_cumsum(jnp.asarray(mask))
-    return np.asarray(points_lib.foreground_points(noise, cs, mask.shape))
+
+    @jax.jit
+    def draw(noise, mask_):
+        cs = points_lib.foreground_cumsum(mask_)
+        return points_lib.foreground_points(noise, cs, mask.shape)
+
+    return np.asarray(draw(noise, jnp.asarray(mask)))
 
 
 def test_foreground_points_many_voxels_distinct_and_inside():
@@ -141,10 +146,10 @@ def test_loss_points_split():
     mask = np.zeros((6, 6, 6), bool)
     mask[2:5, 2:5, 2:5] = True
     n = points_lib.num_loss_noise(cfg)
-    pts = np.asarray(points_lib.loss_points(
-        jax.random.uniform(jax.random.PRNGKey(0), (n,)),
-        jnp.zeros((3, 3, 3)), points_lib.foreground_cumsum(jnp.asarray(mask)),
-        mask.shape, cfg))
+    pts = np.asarray(jax.jit(lambda u, lg, m: points_lib.loss_points(
+        u, lg, points_lib.foreground_cumsum(m), mask.shape, cfg))(
+            jax.random.uniform(jax.random.PRNGKey(0), (n,)),
+            jnp.zeros((3, 3, 3)), jnp.asarray(mask)))
     assert pts.shape == (40, 3)
     idx = np.rint(pts[:20] * 5).astype(int)
     assert mask[tuple(idx.T)].all()  # fg_point_ratio 0.5 of the points
@@ -218,7 +223,8 @@ def test_classification_matches_loop(kind):
 def _fd_check(f, x, eps=1e-6, rtol=1e-6, n=6, seed=0):
     """Directional finite differences in float64."""
     rng = np.random.default_rng(seed)
-    g = np.asarray(jax.grad(f)(x))
+    f = jax.jit(f)
+    g = np.asarray(jax.jit(jax.grad(f))(x))
     for _ in range(n):
         d = rng.normal(size=x.shape)
         fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
@@ -421,17 +427,23 @@ def test_compute_loss_variants(variant):
     else:
         cfg.loss.deep_supervision = False
         outputs, batch = _model_shaped(3, cfg)
+    # The batch is an argument, not a closed-over constant: XLA would spend
+    # seconds constant-folding the loss on it.
     f = jax.jit(jax.value_and_grad(
-        lambda o, m, r: compute_loss(o, batch, m, r, cfg), has_aux=True))
-    (loss, aux), grads = f(outputs, memory, jax.random.PRNGKey(0))
+        lambda o, b, m, r: compute_loss(o, b, m, r, cfg), has_aux=True))
+    (loss, aux), grads = f(outputs, batch, memory, jax.random.PRNGKey(0))
     assert np.isfinite(float(loss))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     # The bank passes through unchanged.
     for a, b in zip(jax.tree.leaves(aux["memory"]), jax.tree.leaves(memory)):
         np.testing.assert_array_equal(a, b)
     if cfg.model.head == "mask2former":
-        assert float(aux["metrics"]["loss_aux"]) == 0.0
-        assert "loss_acl" not in aux["metrics"]
+        m = aux["metrics"]
+        assert float(m["loss_aux"]) == 0.0
+        assert "loss_acl" not in m
+        np.testing.assert_allclose(
+            float(loss), cfg.loss.seg_weight * float(m["loss_seg"])
+            + cfg.loss.cls_weight * float(m["loss_cls"]), rtol=1e-6)
 
 
 def test_compute_loss_errors_are_actionable():

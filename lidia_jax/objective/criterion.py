@@ -27,7 +27,7 @@ def _at_least_f32(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _check(outputs, batch, config):
+def _check(outputs, batch, memory, config):
     logits, masks = outputs["logits"], outputs["masks"]
     k = config.model.num_classes
     if logits.ndim != 4 or logits.shape[-1] != k + 1:
@@ -38,6 +38,13 @@ def _check(outputs, batch, config):
         raise ValueError(f"outputs['masks'] has shape {masks.shape}; expected "
                          f"[L+1, B, Q, d, h, w] matching logits "
                          f"{logits.shape[:3]}.")
+    if config.loss.contrastive != "none":
+        width = outputs["embed"].shape[-1]
+        if memory is None or memory["embed"].shape[-1] != width:
+            raise ValueError(
+                "compute_loss: memory bank missing or of the wrong width for "
+                f"embeddings of size {width}; create it with "
+                "init_memory(config.loss.memory_size, config.model.acl_dim).")
     t = batch["masks"].shape[1]
     if t > logits.shape[2]:
         raise ValueError(f"batch['masks'] has {t} targets but the model has "
@@ -119,7 +126,7 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     Returns:
       (loss, {"metrics": {...scalars}, "memory": new bank}).
     """
-    _check(outputs, batch, config)
+    _check(outputs, batch, memory, config)
     cl = config.loss
     class_logits = _at_least_f32(outputs["logits"])
     mask_logits = _at_least_f32(outputs["masks"])
@@ -167,11 +174,6 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     new_memory = memory
     if cl.contrastive != "none":
         embed = _at_least_f32(outputs["embed"][-1])  # [B, Q, E]
-        if memory is None or memory["embed"].shape[-1] != embed.shape[-1]:
-            raise ValueError(
-                "compute_loss: memory bank missing or of the wrong width for "
-                f"embeddings of size {embed.shape[-1]}; create it with "
-                "init_memory(config.loss.memory_size, config.model.acl_dim).")
         matched = jnp.take_along_axis(embed, idx[-1][:, :, None], axis=1)
         lesion = valid & (classes >= 1)  # target 0 / class 0 is the liver
         e = matched.reshape(-1, matched.shape[-1])
