@@ -262,9 +262,16 @@ def torch_unet_step(patch, batch, features):
 # ----------------------------------------------------------------------------- driver
 
 
-def _ratios(times, torch_key):
-    base = times[torch_key]["median_s"]
-    return {k: round(v["median_s"] / base, 3) for k, v in times.items() if k != torch_key}
+def _ratios(times, torch_key, stat="median_s"):
+    base = times[torch_key][stat]
+    return {k: round(v[stat] / base, 3) for k, v in times.items() if k != torch_key}
+
+
+def _best_ratios(times, torch_key):
+    """Fastest run / fastest run: PyTorch's OpenMP threads suffer more from a shared machine
+    than XLA's pool (its runs are bimodal under load), so the medians can flatter JAX."""
+    best = {k: {"min_s": min(v["runs_s"])} for k, v in times.items()}
+    return _ratios(best, torch_key, "min_s")
 
 
 def run_micro(impls, repeats, warmup, shape=(2, 64, 64, 64, 4), channels=(4, 32, 64),
@@ -275,7 +282,8 @@ def run_micro(impls, repeats, warmup, shape=(2, 64, 64, 64, 4), channels=(4, 32,
     fns["torch"] = torch_micro_step(shape, channels)
     times = interleaved(fns, repeats, warmup)
     return {"case": "micro", "input": list(shape), "channels": list(channels), "dtype": dtype,
-            "times": times, "ratio_to_torch": _ratios(times, "torch")}
+            "times": times, "ratio_to_torch": _ratios(times, "torch"),
+            "best_ratio_to_torch": _best_ratios(times, "torch")}
 
 
 def run_unet(impls, repeats, warmup, patch=(32, 64, 64), batch=2, features=(16, 32, 64, 128),
@@ -290,7 +298,8 @@ def run_unet(impls, repeats, warmup, patch=(32, 64, 64), batch=2, features=(16, 
     times = interleaved(fns, repeats, warmup)
     return {"case": "unet", "patch": list(patch), "batch": batch, "features": list(features),
             "dtype": dtype, "times": times,
-            "ratio_to_torch": _ratios(times, "torch_plainconvunet")}
+            "ratio_to_torch": _ratios(times, "torch_plainconvunet"),
+            "best_ratio_to_torch": _best_ratios(times, "torch_plainconvunet")}
 
 
 def environment():
@@ -331,13 +340,14 @@ def markdown(result):
         else:
             lines.append(f"## U-Net training step: features {case['features']}, patch "
                          f"{case['patch']}, batch {case['batch']} ({case['dtype']})")
-        lines += ["", "| contender | median s | runs s | first call s | ratio to torch |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "| contender | median s | runs s | first call s | ratio to torch "
+                  "(medians) | ratio to torch (fastest runs) |", "|---|---|---|---|---|---|"]
         for name, t in case["times"].items():
             ratio = case["ratio_to_torch"].get(name, 1.0)
+            best = case["best_ratio_to_torch"].get(name, 1.0)
             lines.append(f"| {name} | {t['median_s']:.3f} | "
                          f"{', '.join(f'{v:.2f}' for v in t['runs_s'])} | {t['first_s']:.1f} | "
-                         f"{ratio:.2f} |")
+                         f"{ratio:.2f} | {best:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
