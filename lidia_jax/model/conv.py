@@ -20,8 +20,9 @@ All implementations declare the same parameters, `kernel` [*k, C_in, C_out] and 
 
 Measured with scripts/benchmark_unet.py (jaxlib 0.10.2 vs torch 2.13.0+cpu, 2 shared cores,
 interleaved medians; JAX time / PyTorch time): U-Net training step (stages 16-128, patch
-32x64x64, batch 2) xla 2.71 -> matmul 1.08 of PlainConvUNet; issue 7's two blocks on
-[2, 64, 64, 64, 4] xla 1.52 -> matmul 1.14 (the ratios shrink as the machine's load grows).
+32x64x64, batch 2) xla 2.0-2.9 -> matmul 1.0-1.5 of PlainConvUNet (fastest runs: 4.8 -> 2.3,
+PyTorch's runs are bimodal on the shared machine); issue 7's two blocks on [2, 64, 64, 64, 4]
+xla 1.55 -> matmul 1.06 (the ratios shrink as the machine's load grows).
 Formulations that lost on this CPU: the sum of 27 per-tap dots (3-10x slower, 40 s compiles),
 im2col over the x or (y, x) taps only with 9 or 3 dots, shifting the dot's outputs instead of
 its inputs (a dot to [.., k, C_out] and slice-adds: slower, and the backward needs far more
