@@ -4,6 +4,7 @@ resume, cross-mesh restore, non-finite steps skipped, and the `main` entry point
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ def _env(devices):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -148,19 +150,37 @@ def _main(workdir, dataset, cache, *extra, check=True):
 
 
 @pytest.mark.slow
-def test_main_trains_writes_and_resumes_exactly(tmp_path, smoke_dataset):
+def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
+    """A run preempted by SIGTERM checkpoints and exits; rerun, it resumes and ends with the
+    same parameters as an uninterrupted run."""
     cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _main(straight, smoke_dataset, cache, "--config.train.num_steps=4")
-    first = _main(resumed, smoke_dataset, cache, "--config.train.num_steps=2")
-    assert "step 2/2" in first.stdout
-    second = _main(resumed, smoke_dataset, cache, "--config.train.num_steps=4")
-    assert "Resumed from the checkpoint at step 2" in second.stdout, second.stdout
+    steps = "--config.train.num_steps=6"
+    _main(straight, smoke_dataset, cache, steps)
+
+    cmd = [sys.executable, "-m", "lidia_jax.main", "--config=configs/lidia.py:smoke",
+           f"--workdir={resumed}", f"--config.data.root={smoke_dataset}",
+           f"--config.data.cache_dir={cache}", steps]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 1/6"):
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 0, "".join(lines)
+    output = "".join(lines)
+    assert "SIGTERM: checkpointed step" in output, output
+    assert not (resumed / "test_metrics.json").exists()
+
+    second = _main(resumed, smoke_dataset, cache, steps)
+    assert "Resumed from the checkpoint at step" in second.stdout, second.stdout
     # Written: checkpoints, TensorBoard events, the resolved config, the test report.
     assert json.loads((resumed / "config.json").read_text())["model"]["fusion"] == "ifm"
     assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
-    assert (resumed / "checkpoints" / "4").is_dir()
+    assert (resumed / "checkpoints" / "6").is_dir()
     assert (resumed / "test_metrics.json").exists()
+    assert (resumed / "test_report" / "report.md").exists()
 
     from lidia_jax.train import checkpoint as ckpt
 
