@@ -154,6 +154,7 @@ def _paper():
   c.optim.name = "adamw"
   c.optim.lr = 1e-5  # paper section 3
   c.optim.weight_decay = 0.05
+  c.optim.eps = 1e-8  # Adam's epsilon
   c.optim.grad_clip = 1.0
   c.optim.warmup_steps = 0
   c.optim.schedule = "poly"  # poly | cosine | constant

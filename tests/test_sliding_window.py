@@ -205,6 +205,13 @@ def test_label_probabilities_hand_values_and_simplex():
     np.testing.assert_allclose(p[2, :3], [0.0, 0.4, 0.6], atol=1e-6)
     np.testing.assert_allclose(p[3, [0, 1, 2, 7]], [0.1, 0.0, 0.9 * 0.9 / 1.5, 0.9 * 0.6 / 1.5],
                                atol=1e-6)
+    # Many weak lesion scores do not add up to a lesion: P(lesion) is the strongest one.
+    weak = np.full((1, 9), 0.15, np.float32)
+    weak[0, 0] = 0.8
+    pw = np.asarray(semantic.label_probabilities(jnp.asarray(weak)))[0]
+    np.testing.assert_allclose(pw[:2], [0.2, 0.65], atol=1e-6)
+    np.testing.assert_allclose(pw[2:], np.full(8, 0.15 / 8), atol=1e-6)
+    assert pw.argmax() == 1
     rand = np.random.default_rng(6).uniform(0, 1.5, size=(100, 9)).astype(np.float32)
     pr = np.asarray(semantic.label_probabilities(jnp.asarray(rand)))
     assert pr.min() >= 0

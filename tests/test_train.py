@@ -141,12 +141,14 @@ def smoke_dataset(tmp_path_factory):
     return root
 
 
-def _main(workdir, dataset, cache, *extra, check=True):
+def _main(workdir, dataset, cache, *extra):
     cmd = [sys.executable, "-m", "lidia_jax.main", "--config=configs/lidia.py:smoke",
            f"--workdir={workdir}", f"--config.data.root={dataset}",
            f"--config.data.cache_dir={cache}", *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(1), check=check, timeout=900,
-                          capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(1), timeout=900, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr[-5000:]}"
+    return out
 
 
 @pytest.mark.slow

@@ -9,13 +9,15 @@ Because the classes are nested (a lesion voxel is also a liver voxel) and there 
 class, PLAN's plain per-voxel renormalisation of s does not apply as is. We map s to a
 distribution over the 10 label codes that sums to 1 per voxel:
   r      = max_c clip(s_c, 0, 1)               P(voxel in the liver incl. lesions)
-  t      = min(sum_{c>=1} s_c, r)              P(lesion), never above P(liver region)
+  t      = min(max_{c>=1} s_c, r)              P(lesion), never above P(liver region)
   p_bg   = 1 - r                               label 0
   p_liv  = r - t                               label 1 (parenchyma)
   p_c    = s_c * t / sum_{c>=1} s_c            labels 2..9 (lesion classes share t pro rata)
 so the background is "no class claims the voxel" (1 - the strongest class score) and lesions are
 carved out of the liver region, which keeps LiverMax (the max of p_c inside the liver) a
-probability in [0, 1].
+probability in [0, 1]. P(lesion) is the strongest lesion class score, not their sum: with 50
+queries, many weak lesion scores would otherwise add up to a confident lesion everywhere the
+model is unsure (seen on an undertrained demo model: one "lesion" covering the liver).
 
 Per-voxel head: softmax of seg_logits over the 10 label codes.
 """
@@ -61,7 +63,7 @@ def label_probabilities(scores):
     region = s.max(axis=-1)
     lesion = s[..., 1:]
     total = lesion.sum(axis=-1)
-    t = jnp.minimum(total, region)
+    t = jnp.minimum(lesion.max(axis=-1), region)
     lesion_p = lesion * (t / jnp.maximum(total, _EPS))[..., None]
     return jnp.concatenate([(1.0 - region)[..., None], (region - t)[..., None], lesion_p],
                            axis=-1)

@@ -89,6 +89,7 @@ def make_optimizer(optim_cfg, num_steps):
     if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
     parts.append(optax.adamw(make_schedule(optim_cfg, num_steps),
+                             eps=float(optim_cfg.get("eps", 1e-8)),
                              weight_decay=float(optim_cfg.weight_decay)))
     base = optax.chain(*parts)
     if optim_cfg.sam:
