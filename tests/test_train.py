@@ -203,3 +203,5 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, smoke_dataset):
     out = _main(workdir, smoke_dataset, tmp_path / "cache", "--config.train.num_steps=5")
     assert "Resumed from the checkpoint at step 2" in out.stdout, out.stdout + out.stderr
     assert "could not be restored" in out.stderr
+    assert list((workdir / "checkpoints_unreadable").iterdir())
+    assert (workdir / "checkpoints" / "4").is_dir()  # written again by the resumed run

@@ -8,10 +8,12 @@ restores on 1); `data` is each process's grain iterator state. The last
 
 import logging
 import pathlib
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "auc8"
@@ -42,21 +44,38 @@ def restore_latest(manager, abstract_state, data_iter=None):
     """Restores the newest readable checkpoint onto `abstract_state`'s shardings.
 
     A checkpoint that fails to restore (corrupt, truncated) is skipped with a warning and the
-    previous one is tried. Returns (state, step), or (None, None) when there is none.
-    `data_iter` is restored in place when given.
+    previous one is tried; the unreadable ones are moved to WORKDIR/checkpoints_unreadable/ so
+    that the resumed run can write those steps again. Returns (state, step), or (None, None)
+    when there is none. `data_iter` is restored in place when given.
     """
-    for step in sorted(manager.all_steps(), reverse=True):
+    unreadable = []
+    restored, step = None, None
+    for candidate in sorted(manager.all_steps(), reverse=True):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**items))
+            restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 -- any failure means "unreadable"
             logging.warning("Checkpoint at step %d could not be restored (%s: %s); trying the "
-                            "previous one.", step, type(e).__name__, e)
+                            "previous one.", candidate, type(e).__name__, e)
+            unreadable.append(candidate)
             continue
-        return restored["state"], step
-    return None, None
+        step = candidate
+        break
+    if unreadable:
+        directory = pathlib.Path(manager.directory)
+        aside = directory.parent / "checkpoints_unreadable"
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for bad in unreadable:
+                (directory / str(bad)).rename(aside / f"{bad}_{int(time.time())}")
+                logging.warning("Moved the unreadable checkpoint %d to %s", bad, aside)
+        multihost_utils.sync_global_devices("lidia_jax:unreadable_checkpoints_moved")
+        manager.reload()
+    if restored is None:
+        return None, None
+    return restored["state"], step
 
 
 def restore_params(workdir, which="best"):
