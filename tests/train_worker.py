@@ -66,7 +66,7 @@ def main():
     step_fn = jax.jit(trainer.make_train_step(model, tx, config),
                       in_shardings=(shardings, data_sharding),
                       out_shardings=(shardings, None), donate_argnums=0)
-    losses = []
+    losses, params_after = [], []
     per_process = args.batch // jax.process_count()
     lo = jax.process_index() * per_process
     for i in range(args.steps):
@@ -74,17 +74,26 @@ def main():
         local = {k: v[lo:lo + per_process] for k, v in batch.items()}
         state, metrics = step_fn(state, trainer.global_batch(local, data_sharding))
         losses.append(float(metrics["loss"]))
+        params_after.append(_flat_params(state.params, mesh))
     if args.save_checkpoint:
         manager = ckpt.make_manager(args.save_checkpoint, keep=2)
         ckpt.save(manager, int(state.step), state, force=True)
         manager.wait_until_finished()
         manager.close()
-    replicated = jax.jit(lambda p: p, out_shardings=jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))(state.params)
-    leaves = [np.asarray(x.addressable_data(0)).ravel() for x in jax.tree.leaves(replicated)]
     if jax.process_index() == 0:
-        np.savez(args.out, losses=np.asarray(losses), params=np.concatenate(leaves),
-                 num_devices=jax.device_count())
+        np.savez(args.out, losses=np.asarray(losses), params=params_after[-1],
+                 params_step1=params_after[0], num_devices=jax.device_count())
+
+
+def _flat_params(params, mesh):
+    """All parameters gathered (replicated) and flattened into one host vector."""
+    import jax
+    import numpy as np
+
+    replicated = jax.jit(lambda p: p, out_shardings=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))(params)
+    return np.concatenate([np.asarray(x.addressable_data(0)).ravel()
+                           for x in jax.tree.leaves(replicated)])
 
 
 if __name__ == "__main__":
