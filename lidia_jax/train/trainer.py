@@ -208,7 +208,6 @@ def train_and_evaluate(config, workdir, log=print):
     writer = _summary_writer(workdir)
     step = int(state.step)
     first_step, t_start, t_last, last_logged = step, time.time(), time.time(), step
-    best_auc8 = -np.inf
     eval_metrics = {}
     log(f"Training {num_steps} steps from step {step} (batch {config.input.batch_size})")
     try:
@@ -250,8 +249,6 @@ def train_and_evaluate(config, workdir, log=print):
                     for k, v in eval_metrics.items():
                         if np.isscalar(v) and np.isfinite(v):
                             writer.add_scalar(f"val/{k}", float(v), step)
-                best_auc8 = max(best_auc8, float(np.nan_to_num(eval_metrics.get("auc8", np.nan),
-                                                               nan=-1.0)))
 
             if (step % config.train.checkpoint_every == 0 or evaluate_now or step == num_steps
                     or stop["requested"]):
