@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import write_image
 from lidia_jax.data import contract
 from lidia_jax.data import geometry as geo
 
@@ -17,15 +18,7 @@ SPACING = (1.5, 1.0, 2.5)  # SimpleITK (x, y, z)
 
 
 def _write(path, array, spacing=SPACING, origin=(0.0, 0.0, 0.0), direction=None):
-    img = sitk.GetImageFromArray(array)
-    if img.GetDimension() == 3:
-        img.SetSpacing(spacing)
-        img.SetOrigin(origin)
-        if direction is not None:
-            img.SetDirection(direction)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(path))
-    return path
+    return write_image(path, array, spacing, origin, direction)
 
 
 def _label():

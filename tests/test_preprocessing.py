@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import load_config
+from conftest import load_config, write_image
 from lidia_jax.data import contract
 from lidia_jax.data import geometry as geo
 from lidia_jax.data import preprocessing as pp
@@ -20,14 +20,7 @@ SPACING = (2.0, 1.5, 3.0)  # SimpleITK (x, y, z)
 
 
 def _write(path, array, spacing=SPACING, origin=(0.0, 0.0, 0.0), direction=None):
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    if direction is not None:
-        img.SetDirection(direction)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img, str(path))
-    return path
+    return write_image(path, array, spacing, origin, direction)
 
 
 def _case_arrays(seed):
