@@ -409,6 +409,19 @@ def test_compute_loss_small_for_perfect_predictions():
     assert float(mp["loss_dice"]) < 0.1 < float(mr["loss_dice"])
     # CE only at points between voxels on a mask boundary.
     assert float(mp["loss_mask_ce"]) < 0.2 * float(mr["loss_mask_ce"])
+    assert float(mp["lesion_accuracy"]) == 1.0
+    # Lesion queries all naming a class no target has (FNH; the perfect masks still decide the
+    # matching): no lesion counts as classified; the liver target does not enter the figure.
+    fnh = 5
+    assert fnh not in np.asarray(batch["classes"])
+    wrong = logits.copy()
+    for b in range(2):
+        for i in range(t):
+            if batch["valid"][b, i] and int(batch["classes"][b, i]) >= 1:
+                wrong[:, b, 2 + i] = 0.0
+                wrong[:, b, 2 + i, fnh] = 30.0
+    (_, aw), _ = _loss_and_grad(dict(perfect, logits=jnp.asarray(wrong)), batch, memory, key)
+    assert float(aw["metrics"]["lesion_accuracy"]) == 0.0
 
 
 @pytest.mark.parametrize("variant", ["smoke,head=per_voxel",

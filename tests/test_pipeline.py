@@ -120,6 +120,53 @@ def test_sample_patch_start_foreground_rate_and_fallback():
     assert set(kinds) == {patches.RANDOM}
 
 
+@pytest.mark.parametrize("balance", ["voxel", "instance", "class"])
+def test_sample_patch_start_lesion_balance(balance):
+    """Which lesion a forced-lesion patch is built around, against the closed-form shares.
+
+    A case with one 60-voxel HCC (code 2) and three cysts (code 7) of 10, 5 and 5 voxels:
+    voxel -> shares by size; instance -> 1/4 each; class -> HCC 1/2, each cyst 1/6.
+    """
+    sizes, codes = [60, 10, 5, 5], [2, 7, 7, 7]
+    ids = np.repeat(np.arange(1, 5), sizes).astype(np.int32)
+    locs = {"lesion": np.stack([np.zeros_like(ids), np.arange(len(ids)), np.zeros_like(ids)], 1),
+            "lesion_instance": ids,
+            "lesion_class": np.repeat(codes, sizes).astype(np.int32),
+            "liver": np.zeros((1, 3), np.int32)}
+    rng = np.random.default_rng(5)
+    n = 6000
+    picks = np.array([patches._pick_lesion_voxel(locs, balance, rng) for _ in range(n)])
+    share = np.bincount(ids[picks], minlength=5)[1:] / n
+    expected = {"voxel": np.array(sizes) / sum(sizes), "instance": np.full(4, 0.25),
+                "class": np.array([1 / 2, 1 / 6, 1 / 6, 1 / 6])}[balance]
+    np.testing.assert_allclose(share, expected, atol=4 * math.sqrt(0.25 / n))
+    start, kind = patches.sample_patch_start((4, 80, 4), (2, 8, 2), locs, 1.0, 0.0, rng, balance)
+    assert kind == patches.LESION
+    with pytest.raises(ValueError, match="fg_balance"):
+        patches._pick_lesion_voxel(locs, "size", rng)
+
+
+def test_pipeline_class_balance_reads_instances_from_the_cache(cache):
+    """CaseSource gives each lesion location its instance id and code; the class-balanced
+    pipeline then centres patches on the small lesions of case 2 as often as the class rule says."""
+    case = pipeline.CaseSource(cache, "train")[2]
+    lesion = case.fg_locations["lesion"]
+    np.testing.assert_array_equal(case.fg_locations["lesion_instance"],
+                                  np.asarray(case.inst)[tuple(lesion.T)])
+    np.testing.assert_array_equal(case.fg_locations["lesion_class"],
+                                  np.asarray(case.seg)[tuple(lesion.T)])
+    config = _config(fg_prob=1.0, batch_size=1)
+    config.input.fg_balance = "class"
+    config.input.fg_jitter = 0.0
+    it = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1)
+    for batch in _take(it, 2 * N_TRAIN):  # every case but case 1 (no lesion) gives a lesion
+        index = int(round(float(batch["image"][0, 0, 0, 0, 0])))  # NC channel = case index
+        assert (batch["semantic"] >= 2).any() == (index != 1), index
+    config.input.fg_balance = "largest"
+    with pytest.raises(ValueError, match="fg_balance"):
+        pipeline.make_train_iterator(cache, config, process_index=0, process_count=1)
+
+
 def test_sample_patch_start_small_volume_is_padded_uniformly():
     rng = np.random.default_rng(2)
     shape, patch = (5, 30, 8), (8, 12, 8)

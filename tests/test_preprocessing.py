@@ -328,3 +328,31 @@ def test_unlabelled_test_cases_and_no_usable_training_case(tmp_path):
     with pytest.raises(contract.DatasetError, match="no usable training case"):
         _run(root, tmp_path, _cfg())
     assert not list((tmp_path / "cache").glob(".*tmp*"))
+
+
+def test_fg_locations_keep_every_lesion_when_subsampled(monkeypatch):
+    """Above the location cap, each lesion keeps min(size, equal share) voxels (water-filling):
+    a 4-voxel lesion next to a 3000-voxel one survives; liver locations stay uniform."""
+    monkeypatch.setattr(pp, "MAX_FG_LOCATIONS", 1000)
+    seg = np.zeros((20, 40, 40), np.uint8)
+    inst = np.zeros_like(seg, np.uint16)
+    seg[:, :20, :] = 1
+    seg[:15, :20, :10] = 2  # 3000 voxels
+    inst[:15, :20, :10] = 1
+    seg[18, 30:32, 30:32] = 7  # 4 voxels
+    inst[18, 30:32, 30:32] = 2
+    seg[10:15, 30:40, 20:40] = 3  # 1000 voxels
+    inst[10:15, 30:40, 20:40] = 3
+    locs = pp._fg_locations(seg, inst, seed=0)
+    lesion = np.array(locs["lesion"])
+    ids, counts = np.unique(inst[tuple(lesion.T)], return_counts=True)
+    # share: 4 fit, then (1000 - 4) // 2 = 498 for each of the two large lesions.
+    np.testing.assert_array_equal(ids, [1, 2, 3])
+    np.testing.assert_array_equal(counts, [498, 4, 498])
+    assert len(np.unique(lesion, axis=0)) == len(lesion)
+    assert np.all(seg[tuple(lesion.T)] >= 2)
+    liver = np.array(locs["liver"])
+    assert len(liver) == 1000 and np.all(seg[tuple(liver.T)] >= 1)
+    # Below the cap every lesion voxel is kept.
+    monkeypatch.setattr(pp, "MAX_FG_LOCATIONS", 10_000)
+    assert len(pp._fg_locations(seg, inst, seed=0)["lesion"]) == 4004

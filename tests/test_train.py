@@ -107,6 +107,23 @@ def test_checkpoint_from_four_devices_restores_on_one(tmp_path):
     np.testing.assert_array_equal(flat, saved["params"])
 
 
+def test_best_checkpoint_survives_a_new_process(tmp_path):
+    """Latest `keep` plus the best validation AUC-8 are kept, and restore_params("best") finds
+    the best one from the files alone (a fresh manager, as a later evaluate/predict run)."""
+    from lidia_jax.train import checkpoint as ckpt
+
+    manager = ckpt.make_manager(tmp_path, keep=2, asynchronous=False)
+    for step, auc8 in [(1, 0.5), (2, 0.9), (3, 0.1), (4, None), (5, None)]:
+        ckpt.save(manager, step, {"params": {"w": np.full(3, float(step), np.float32)}},
+                  metrics=None if auc8 is None else {ckpt.BEST_METRIC: auc8}, force=True)
+    manager.close()
+    assert sorted(ckpt.make_manager(tmp_path, keep=2).all_steps()) == [2, 4, 5]
+    params, step = ckpt.restore_params(tmp_path, "best")
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(params["w"]), [2.0, 2.0, 2.0])
+    assert ckpt.restore_params(tmp_path, "latest")[1] == 5
+
+
 def test_nonfinite_batch_is_skipped_and_counted():
     import flax.linen as nn
 

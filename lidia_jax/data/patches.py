@@ -28,6 +28,34 @@ def start_range(shape: Sequence[int], patch_size: Sequence[int]) -> Tuple[np.nda
     return np.minimum(0, shape - patch), np.maximum(0, shape - patch)
 
 
+BALANCES = ("voxel", "instance", "class")
+
+
+def _pick_lesion_voxel(fg_locations: Mapping[str, np.ndarray], balance: str,
+                       rng: np.random.Generator) -> int:
+    """Index into fg_locations["lesion"] of the voxel a lesion-centred patch is built around.
+
+    balance "voxel": uniform over lesion voxels (large lesions dominate); "instance": a lesion
+    uniformly, then one of its voxels; "class": a lesion class present in the case uniformly,
+    then a lesion of that class, then a voxel. Needs "lesion_instance" / "lesion_class" (int [N],
+    instance id and label code per location) for the last two.
+    """
+    n = len(fg_locations[LESION])
+    if balance == "voxel":
+        return int(rng.integers(n))
+    ids = np.asarray(fg_locations["lesion_instance"])
+    if balance == "class":
+        codes = np.asarray(fg_locations["lesion_class"])
+        present = np.unique(codes)
+        chosen = present[rng.integers(len(present))]
+        ids = np.where(codes == chosen, ids, -1)
+    elif balance != "instance":
+        raise ValueError(f"config.input.fg_balance={balance!r}; expected one of {BALANCES}")
+    instances = np.unique(ids[ids >= 0])
+    candidates = np.flatnonzero(ids == instances[rng.integers(len(instances))])
+    return int(candidates[rng.integers(len(candidates))])
+
+
 def sample_patch_start(
     shape: Sequence[int],
     patch_size: Sequence[int],
@@ -35,17 +63,20 @@ def sample_patch_start(
     fg_prob: float,
     jitter: float,
     rng: np.random.Generator,
+    balance: str = "voxel",
 ) -> Tuple[np.ndarray, str]:
     """Draws the lower corner of one training patch.
 
     Args:
       shape: (D, H, W) of the case.
       patch_size: (Pz, Py, Px).
-      fg_locations: {"lesion": int [N, 3], "liver": int [M, 3]} voxel coordinates (meta.json).
+      fg_locations: {"lesion": int [N, 3], "liver": int [M, 3]} voxel coordinates (meta.json),
+        plus "lesion_instance" and "lesion_class" int [N] where `balance` is not "voxel".
       fg_prob: probability of a foreground-centred patch (config.input.fg_prob).
       jitter: the centre is moved by up to `jitter * patch_size` voxels per axis (uniform), so a
         forced lesion voxel lies in the central part of the patch, not always at its centre.
       rng: per-record generator (grain random_map), for determinism.
+      balance: how the lesion voxel is chosen (config.input.fg_balance, _pick_lesion_voxel).
 
     Returns:
       (start int64 [3], kind) with kind in {"random", "lesion", "liver"}; "random" is returned when
@@ -60,7 +91,9 @@ def sample_patch_start(
         for kind in (LESION, LIVER):
             locs = fg_locations.get(kind)
             if locs is not None and len(locs):
-                voxel = np.asarray(locs[rng.integers(len(locs))], np.int64)
+                pick = (_pick_lesion_voxel(fg_locations, balance, rng) if kind == LESION
+                        else rng.integers(len(locs)))
+                voxel = np.asarray(locs[pick], np.int64)
                 max_shift = np.floor(jitter * patch).astype(np.int64)
                 shift = rng.integers(-max_shift, max_shift + 1)
                 start = voxel - patch // 2 + shift

@@ -77,7 +77,9 @@ class Case:
     """One preprocessed case; arrays are read-only memory maps.
 
     image: float32 [D, H, W, 4]; seg: uint8 [D, H, W] or None (unlabelled); inst: uint16
-    [D, H, W] or None; phase_mask: bool [4]; fg_locations: {"lesion", "liver"} -> int32 [N, 3];
+    [D, H, W] or None; phase_mask: bool [4]; fg_locations: {"lesion", "liver"} -> int32 [N, 3]
+    (and, for labelled cases, "lesion_instance", "lesion_class" -> int32 [N]: instance id and
+    label code of each lesion location);
     code_table: int32 [K + 1] instance id -> label code; meta: meta.json as a dict, without
     "fg_locations" (held as arrays in fg_locations).
     """
@@ -130,6 +132,11 @@ def load_case(cache_dir: PathLike, name: str, require_labels: bool = False) -> C
     instance_classes = meta.get("instance_classes", {}) or {}
     max_id = max([int(k) for k in instance_classes] + [0])
     fg_locations = patches.fg_locations_from_meta(meta, str(meta_path))
+    if arrays["inst"] is not None:  # per lesion location: instance id and label code
+        lesion = fg_locations[patches.LESION]
+        ids = np.asarray(arrays["inst"][tuple(lesion.T)], np.int32)
+        fg_locations["lesion_instance"] = ids
+        fg_locations["lesion_class"] = np.asarray(arrays["seg"][tuple(lesion.T)], np.int32)
     # Keep the locations only as compact arrays: as JSON lists they cost ~2 MB of Python objects
     # per case, in every worker that caches the case.
     meta = {k: v for k, v in meta.items() if k != "fg_locations"}
@@ -189,6 +196,10 @@ class SamplePatch(grain.transforms.RandomMap):
         self.patch_size = tuple(int(p) for p in config.input.patch_size)
         self.fg_prob = float(config.input.fg_prob)
         self.jitter = float(config.input.get("fg_jitter", 0.25))
+        self.balance = str(config.input.get("fg_balance", "voxel"))
+        if self.balance not in patches.BALANCES:
+            raise ValueError(f"config.input.fg_balance={self.balance!r}; expected one of "
+                             f"{patches.BALANCES}")
         self.max_instances = int(config.data.max_instances)
         aug = config.input.aug
         self.aug = _Attr(aug.to_dict() if hasattr(aug, "to_dict") else aug)
@@ -196,7 +207,7 @@ class SamplePatch(grain.transforms.RandomMap):
 
     def random_map(self, case: Case, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         start, _ = patches.sample_patch_start(case.shape, self.patch_size, case.fg_locations,
-                                              self.fg_prob, self.jitter, rng)
+                                              self.fg_prob, self.jitter, rng, self.balance)
         phase_mask = case.phase_mask.copy()
         matrix = shifts = None
         if self.augment:

@@ -40,7 +40,7 @@ import scipy.ndimage as ndi
 from lidia_jax.data import contract
 from lidia_jax.data import geometry as geo
 
-PREPROCESS_VERSION = 1  # bump when the preprocessing itself changes: invalidates caches
+PREPROCESS_VERSION = 2  # bump when the preprocessing itself changes: invalidates caches
 # Foreground voxels kept for the intensity statistics, all training cases together. nnU-Net
 # draws 1e8 with replacement; 2e6 without replacement already pins the 0.5 / 99.5 percentiles
 # (10^4 samples in each tail) at a fiftieth of the memory.
@@ -136,15 +136,41 @@ def body_bbox(venous: np.ndarray, threshold_hu: float,
             for k in range(3)]
 
 
-def _fg_locations(seg: np.ndarray, seed: int) -> dict:
-    """{"liver": [[z, y, x], ...] of label >= 1, "lesion": ... of label >= 2}, <= 10000 each."""
+def _fg_locations(seg: np.ndarray, inst: np.ndarray, seed: int) -> dict:
+    """{"liver": [[z, y, x], ...] of label >= 1, "lesion": ... of label >= 2}, <= 10000 each.
+
+    Liver voxels are a uniform subsample. Lesion voxels are subsampled per instance (every
+    instance keeps min(its size, an equal share) voxels, the share growing while small instances
+    leave room), so that the smallest lesion of a case stays drawable by the patch sampler.
+    """
     rng = np.random.default_rng(seed)
-    out = {}
-    for kind, mask in (("liver", seg >= 1), ("lesion", seg >= contract.FIRST_LESION_CODE)):
-        loc = np.argwhere(mask)
-        if len(loc) > MAX_FG_LOCATIONS:
-            loc = loc[np.sort(rng.choice(len(loc), MAX_FG_LOCATIONS, replace=False))]
-        out[kind] = loc.astype(int).tolist()
+    loc = np.argwhere(seg >= 1)
+    if len(loc) > MAX_FG_LOCATIONS:
+        loc = loc[np.sort(rng.choice(len(loc), MAX_FG_LOCATIONS, replace=False))]
+    out = {"liver": loc.astype(int).tolist()}
+    lesion = np.argwhere(seg >= contract.FIRST_LESION_CODE)
+    if len(lesion) > MAX_FG_LOCATIONS:
+        ids = inst[tuple(lesion.T)]
+        uniq, sizes = np.unique(ids, return_counts=True)
+        # Water-filling: the largest per-instance share q with sum(min(size, q)) <= MAX.
+        order = np.sort(sizes)
+        share, left = 0, MAX_FG_LOCATIONS
+        for k, size in enumerate(order):
+            fair = left // (len(order) - k)
+            if size > fair:
+                share = fair
+                break
+            left -= int(size)
+        else:
+            share = int(order[-1])
+        keep = []
+        for u in uniq:
+            idx = np.flatnonzero(ids == u)
+            if len(idx) > share:
+                idx = rng.choice(idx, share, replace=False)
+            keep.append(idx)
+        lesion = lesion[np.sort(np.concatenate(keep))]
+    out["lesion"] = lesion.astype(int).tolist()
     return out
 
 
@@ -205,7 +231,8 @@ def _geometric(loaded: contract.LoadedCase, settings: dict):
             "target_spacing": [float(t) for t in target],
             "separate_z_axis": sep,
         },
-        "fg_locations": (_fg_locations(seg, _name_hash(loaded.name) % 2**32) if seg is not None
+        "fg_locations": (_fg_locations(seg, inst, _name_hash(loaded.name) % 2**32)
+                         if seg is not None
                          else {"liver": [], "lesion": []}),
     }
     return image, seg, inst, meta

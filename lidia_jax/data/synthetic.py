@@ -121,8 +121,10 @@ SIZES = {
     "smoke": dict(inplane_spacing=(5.5, 6.5), slice_spacing=(5.5, 6.5), inplane_size=(46, 50),
                   num_slices=(23, 25), fov_mm=(270, 310), lesion_mm=(18, 48),
                   calc_mm=(9, 14)),
+    # demo: lesions of at least 20 mm (calcifications 8 mm), i.e. >= 4 voxels across on the demo
+    # config's 5x4x4 mm grid and >= 2 at its mask resolution; smaller ones are not diagnosable there.
     "demo": dict(inplane_spacing=(2.5, 3.5), slice_spacing=(4.0, 5.0), inplane_size=(100, 128),
-                 num_slices=(48, 60), fov_mm=(300, 420), lesion_mm=(12, 60), calc_mm=(6, 12)),
+                 num_slices=(48, 60), fov_mm=(300, 420), lesion_mm=(20, 60), calc_mm=(8, 14)),
     # full: slice spacing drawn from the usual reconstructions 1, 1.25, 2, 2.5, 3, 5 mm.
     "full": dict(inplane_spacing=(0.6, 0.9), slice_spacing=(1.0, 5.0), inplane_size=(512, 512),
                  num_slices=None, z_extent_mm=(200, 260), fov_mm=None, lesion_mm=(3, 120),

@@ -110,6 +110,16 @@ def _layer_losses(noise, class_logits, mask_logits, targets, config):
     return ce, dc, cls, idx
 
 
+def _matched_accuracy(class_logits, idx, classes, valid):
+    """Fraction of valid targets whose matched query's argmax class is the target's class.
+
+    class_logits [B, Q, K+1]; idx, classes, valid [B, T]. Returns a scalar (0 with no target).
+    """
+    pred = jnp.argmax(jnp.take_along_axis(class_logits, idx[..., None], axis=1), axis=-1)
+    hits = jnp.sum((pred == classes) & valid)
+    return hits / jnp.maximum(jnp.sum(valid), 1)
+
+
 def mask2former_loss(outputs, batch, memory, rng, config):
     """Total LIDIA loss of a mask2former head.
 
@@ -169,6 +179,9 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         "loss_cls": cls[-1],
         "loss_aux": jnp.sum(per_layer[:-1]),
         "num_targets": jnp.sum(valid).astype(jnp.float32),
+        # Share of the lesion targets whose matched query (final layer) predicts their class.
+        "lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes,
+                                             valid & (classes >= 1)),
     }
 
     new_memory = memory

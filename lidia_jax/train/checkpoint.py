@@ -26,7 +26,11 @@ def make_manager(workdir, keep, asynchronous=True):
         checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
+    # best_fn/best_mode make the manager write each step's metrics into its metadata, so that
+    # best_step() is right in a later process too (the preservation policy alone ranks in memory
+    # and best_step() then returns the latest step). Saves without metrics log an orbax warning.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
+                                           best_fn=lambda m: m[BEST_METRIC], best_mode="max",
                                            enable_async_checkpointing=asynchronous)
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
                                  item_names=("state", "data"), options=options)

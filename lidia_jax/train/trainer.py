@@ -200,6 +200,8 @@ def train_and_evaluate(config, workdir, log=print):
                          out_shardings=(state_shardings, metrics_sharding),
                          donate_argnums=0)
 
+    add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # global arrays: jit
+
     # --- Preemption: SIGTERM asks the loop to checkpoint and stop.
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM,
@@ -209,12 +211,15 @@ def train_and_evaluate(config, workdir, log=print):
     step = int(state.step)
     first_step, t_start, t_last, last_logged = step, time.time(), time.time(), step
     eval_metrics = {}
+    interval_sums = None  # per-step metrics summed on the device since the last log line
     log(f"Training {num_steps} steps from step {step} (batch {config.input.batch_size})")
     try:
         while step < num_steps:
             batch = global_batch(next(train_iter), data_sharding)
             state, metrics = train_step(state, batch)
             step += 1
+            interval_sums = metrics if interval_sums is None else add_metrics(interval_sums,
+                                                                              metrics)
             nonfinite = int(state.nonfinite_in_a_row)
             if nonfinite:
                 logging.warning("Step %d: non-finite loss or gradient, update skipped (%d in a "
@@ -226,7 +231,10 @@ def train_and_evaluate(config, workdir, log=print):
                         "config.model.dtype=float32; the last good state is in the checkpoint.")
 
             if step % config.train.log_every == 0 or step == num_steps:
-                metrics = jax.device_get(metrics)
+                # Means over the steps since the last line: one batch of 2 is too noisy to read.
+                metrics = {k: float(v) / (step - last_logged)
+                           for k, v in jax.device_get(interval_sums).items()}
+                interval_sums = None
                 now = time.time()
                 steps_per_s = (step - last_logged) / max(now - t_last, 1e-9)
                 t_last, last_logged = now, step
