@@ -409,7 +409,7 @@ def test_compute_loss_small_for_perfect_predictions():
     assert float(mp["loss_dice"]) < 0.1 < float(mr["loss_dice"])
     # CE only at points between voxels on a mask boundary.
     assert float(mp["loss_mask_ce"]) < 0.2 * float(mr["loss_mask_ce"])
-    assert float(mp["lesion_accuracy"]) == 1.0
+    assert float(mp["matched_lesion_accuracy"]) == 1.0
     # Lesion queries all naming a class no target has (FNH; the perfect masks still decide the
     # matching): no lesion counts as classified; the liver target does not enter the figure.
     fnh = 5
@@ -421,7 +421,7 @@ def test_compute_loss_small_for_perfect_predictions():
                 wrong[:, b, 2 + i] = 0.0
                 wrong[:, b, 2 + i, fnh] = 30.0
     (_, aw), _ = _loss_and_grad(dict(perfect, logits=jnp.asarray(wrong)), batch, memory, key)
-    assert float(aw["metrics"]["lesion_accuracy"]) == 0.0
+    assert float(aw["metrics"]["matched_lesion_accuracy"]) == 0.0
 
 
 @pytest.mark.parametrize("variant", ["smoke,head=per_voxel",

@@ -180,8 +180,8 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         "loss_aux": jnp.sum(per_layer[:-1]),
         "num_targets": jnp.sum(valid).astype(jnp.float32),
         # Share of the lesion targets whose matched query (final layer) predicts their class.
-        "lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes,
-                                             valid & (classes >= 1)),
+        "matched_lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes,
+                                                     valid & (classes >= 1)),
     }
 
     new_memory = memory
