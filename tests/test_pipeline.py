@@ -147,8 +147,8 @@ def test_sample_patch_start_lesion_balance(balance):
 
 
 def test_pipeline_class_balance_reads_instances_from_the_cache(cache):
-    """CaseSource gives each lesion location its instance id and code; the class-balanced
-    pipeline then centres patches on the small lesions of case 2 as often as the class rule says."""
+    """CaseSource gives each lesion location its instance id and code; with fg_prob 1 the
+    class-balanced pipeline puts a lesion in every patch of a case that has one."""
     case = pipeline.CaseSource(cache, "train")[2]
     lesion = case.fg_locations["lesion"]
     np.testing.assert_array_equal(case.fg_locations["lesion_instance"],

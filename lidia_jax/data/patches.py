@@ -31,6 +31,13 @@ def start_range(shape: Sequence[int], patch_size: Sequence[int]) -> Tuple[np.nda
 BALANCES = ("voxel", "instance", "class")
 
 
+def check_balance(balance: str) -> str:
+    """Returns `balance` (config.input.fg_balance) if it is one of BALANCES, else raises."""
+    if balance not in BALANCES:
+        raise ValueError(f"config.input.fg_balance={balance!r}; expected one of {BALANCES}")
+    return balance
+
+
 def _pick_lesion_voxel(fg_locations: Mapping[str, np.ndarray], balance: str,
                        rng: np.random.Generator) -> int:
     """Index into fg_locations["lesion"] of the voxel a lesion-centred patch is built around.
@@ -40,17 +47,14 @@ def _pick_lesion_voxel(fg_locations: Mapping[str, np.ndarray], balance: str,
     then a lesion of that class, then a voxel. Needs "lesion_instance" / "lesion_class" (int [N],
     instance id and label code per location) for the last two.
     """
-    n = len(fg_locations[LESION])
-    if balance == "voxel":
-        return int(rng.integers(n))
+    if check_balance(balance) == "voxel":
+        return int(rng.integers(len(fg_locations[LESION])))
     ids = np.asarray(fg_locations["lesion_instance"])
     if balance == "class":
         codes = np.asarray(fg_locations["lesion_class"])
         present = np.unique(codes)
         chosen = present[rng.integers(len(present))]
         ids = np.where(codes == chosen, ids, -1)
-    elif balance != "instance":
-        raise ValueError(f"config.input.fg_balance={balance!r}; expected one of {BALANCES}")
     instances = np.unique(ids[ids >= 0])
     candidates = np.flatnonzero(ids == instances[rng.integers(len(instances))])
     return int(candidates[rng.integers(len(candidates))])

@@ -133,10 +133,9 @@ def load_case(cache_dir: PathLike, name: str, require_labels: bool = False) -> C
     max_id = max([int(k) for k in instance_classes] + [0])
     fg_locations = patches.fg_locations_from_meta(meta, str(meta_path))
     if arrays["inst"] is not None:  # per lesion location: instance id and label code
-        lesion = fg_locations[patches.LESION]
-        ids = np.asarray(arrays["inst"][tuple(lesion.T)], np.int32)
-        fg_locations["lesion_instance"] = ids
-        fg_locations["lesion_class"] = np.asarray(arrays["seg"][tuple(lesion.T)], np.int32)
+        where = tuple(fg_locations[patches.LESION].T)
+        fg_locations["lesion_instance"] = np.asarray(arrays["inst"][where], np.int32)
+        fg_locations["lesion_class"] = np.asarray(arrays["seg"][where], np.int32)
     # Keep the locations only as compact arrays: as JSON lists they cost ~2 MB of Python objects
     # per case, in every worker that caches the case.
     meta = {k: v for k, v in meta.items() if k != "fg_locations"}
@@ -196,10 +195,7 @@ class SamplePatch(grain.transforms.RandomMap):
         self.patch_size = tuple(int(p) for p in config.input.patch_size)
         self.fg_prob = float(config.input.fg_prob)
         self.jitter = float(config.input.get("fg_jitter", 0.25))
-        self.balance = str(config.input.get("fg_balance", "voxel"))
-        if self.balance not in patches.BALANCES:
-            raise ValueError(f"config.input.fg_balance={self.balance!r}; expected one of "
-                             f"{patches.BALANCES}")
+        self.balance = patches.check_balance(str(config.input.get("fg_balance", "voxel")))
         self.max_instances = int(config.data.max_instances)
         aug = config.input.aug
         self.aug = _Attr(aug.to_dict() if hasattr(aug, "to_dict") else aug)

@@ -19,18 +19,23 @@ from orbax.checkpoint import checkpoint_managers
 BEST_METRIC = "auc8"
 
 
+def _best_metric(metrics):
+    """The value a checkpoint is ranked by ("best"): validation AUC-8, higher is better."""
+    return metrics[BEST_METRIC]
+
+
 def make_manager(workdir, keep, asynchronous=True):
     """A `CheckpointManager` keeping the latest `keep` and the best by validation AUC-8."""
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
     # best_fn/best_mode make the manager write each step's metrics into its metadata, so that
     # best_step() is right in a later process too (the preservation policy alone ranks in memory
     # and best_step() then returns the latest step). Saves without metrics log an orbax warning.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                           best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+                                           best_fn=_best_metric, best_mode="max",
                                            enable_async_checkpointing=asynchronous)
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints",
                                  item_names=("state", "data"), options=options)
