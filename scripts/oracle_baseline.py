@@ -17,6 +17,7 @@ mean, the standard deviation, plus log volume. Absent phases are zero, as in the
 """
 
 import argparse
+import datetime
 import importlib.util
 import json
 import pathlib
@@ -123,6 +124,9 @@ def main(argv=None):
     summary = metrics.summarize(records, lesions, cfg.data.malignant, cfg.data.benign)
     per_class = summary["auc"]
     lines = [
+        f"`python scripts/oracle_baseline.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+        f" ({datetime.date.today().isoformat()})",
+        "",
         f"Oracle baseline on {cache_dir}: random forest on true-mask lesion features, "
         f"{len(y_train)} training lesions ({len(train)} cases), {len(test)} test cases.",
         "",
