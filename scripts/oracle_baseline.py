@@ -103,6 +103,9 @@ def main(argv=None):
     test = split("test")
     x_train = np.concatenate([t[5] for t in train])
     y_train = np.concatenate([t[4] for t in train])
+    if len(np.unique(y_train)) < 2:
+        p.error(f"{cache_dir}: the train and val cases hold lesions of "
+                f"{len(np.unique(y_train))} class(es); a classifier needs at least two")
     forest = RandomForestClassifier(n_estimators=500, random_state=args.seed, n_jobs=-1)
     forest.fit(x_train, y_train)
     col = {int(c): k for k, c in enumerate(forest.classes_)}
