@@ -24,6 +24,7 @@ import pathlib
 import sys
 from typing import List, Tuple
 
+import ml_collections
 import numpy as np
 import scipy.ndimage as ndi
 from sklearn.ensemble import RandomForestClassifier
@@ -32,6 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lidia_jax.data import preprocessing  # noqa: E402
 from lidia_jax.evaluation import metrics  # noqa: E402
+from lidia_jax.train import trainer  # noqa: E402
 
 LIVER = 1
 
@@ -73,7 +75,7 @@ def lesion_features(image: np.ndarray, seg: np.ndarray, inst: np.ndarray
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", help="a workdir with plan.json and preprocessed/")
+    p.add_argument("--workdir", help="a trained workdir (plan.json, config.json)")
     p.add_argument("--cache", help="a preprocessed cache folder (holds plan.json and cases)")
     p.add_argument("--config", default="demo", help="config string for the label names")
     p.add_argument("--out", help="markdown file to write (default: print only)")
@@ -82,8 +84,11 @@ def main(argv=None):
     if bool(args.workdir) == bool(args.cache):
         p.error("give exactly one of --workdir and --cache")
     if args.workdir:
-        plan = json.loads((pathlib.Path(args.workdir) / "plan.json").read_text())
-        cache_dir = pathlib.Path(args.workdir) / "preprocessed" / plan["fingerprint"]
+        # The cache the run trained on: its config.json's data.cache_dir, as the trainer chose it.
+        workdir = pathlib.Path(args.workdir)
+        plan = json.loads((workdir / trainer.PLAN_FILE).read_text())
+        run_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+        cache_dir = trainer.cache_root(run_config.data, workdir) / plan["fingerprint"]
     else:
         cache_dir = pathlib.Path(args.cache)
     cache = preprocessing.Cache(cache_dir)

@@ -337,3 +337,11 @@ def test_oracle_baseline_separable_cache(oracle, tmp_path):
     # 8 classes + AUC-8, AUC-2, lesion accuracy. Every class and group occurs in the test split
     # (cases 32-39 hold codes 2-9 twice over), so every AUC is defined and 1.
     assert [float(v) for v in table] == [1.0] * 11
+    # --workdir finds the same cache through the run's config.json (data.cache_dir set).
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "plan.json").write_text((fp / "plan.json").read_text())
+    (work / "config.json").write_text(json.dumps({"data": {"cache_dir": str(tmp_path)}}))
+    out2 = tmp_path / "oracle_workdir.md"
+    oracle.main(["--workdir", str(work), "--out", str(out2)])
+    assert out2.read_text().splitlines()[-1] == out.read_text().splitlines()[-1]

@@ -39,6 +39,13 @@ def num_train_steps(config):
     return config.train.epochs * config.train.steps_per_epoch
 
 
+def cache_root(data_cfg, workdir) -> pathlib.Path:
+    """The folder a run's preprocessed caches live in: config.data.cache_dir, else
+    WORKDIR/preprocessed (each cache is a <fingerprint>/ subfolder)."""
+    return (pathlib.Path(data_cfg.cache_dir) if data_cfg.cache_dir
+            else pathlib.Path(workdir) / "preprocessed")
+
+
 def prepare_data(config, workdir, log=print):
     """Returns the preprocessed `Cache` of `config.data.root`, or of the synthetic cohort.
 
@@ -47,8 +54,7 @@ def prepare_data(config, workdir, log=print):
     """
     workdir = pathlib.Path(workdir)
     root = pathlib.Path(config.data.root) if config.data.root else workdir / "synthetic"
-    cache_dir = (pathlib.Path(config.data.cache_dir) if config.data.cache_dir
-                 else workdir / "preprocessed")
+    cache_dir = cache_root(config.data, workdir)
     if jax.process_index() == 0:
         if not config.data.root and not (root / "dataset.json").exists():
             syn = config.data.synthetic
