@@ -110,7 +110,8 @@ def _sgd():
                        optax.sgd(1e-2, momentum=0.99, nesterov=True))
 
 
-def jax_unet_step(impl, patch, batch, features, full_model=False, dtype_name="float32"):
+def jax_unet_step(impl, patch, batch, features, kernels, strides, full_model=False,
+                  dtype_name="float32"):
     """One jitted, donated SGD step of the U-Net (or the full per-voxel LIDIA model)."""
     import flax.linen as nn
     import jax
@@ -122,9 +123,6 @@ def jax_unet_step(impl, patch, batch, features, full_model=False, dtype_name="fl
     from lidia_jax.model.unet_decoder import UNetDecoder
     from lidia_jax.objective.per_voxel import per_voxel_loss
 
-    n = len(features)
-    kernels = ((3, 3, 3),) * n
-    strides = ((1, 1, 1),) + ((2, 2, 2),) * (n - 1)
     dtype = getattr(jnp, dtype_name)
     if full_model:
         from configs.lidia import get_config
@@ -186,18 +184,28 @@ def _inputs(patch, batch, seed=0):
 # ------------------------------------------------------------------------- PyTorch side
 
 
+def torch_device():
+    """CUDA when PyTorch sees a GPU (cuDNN autotuning on, as nnU-Net sets it), else the CPU."""
+    import torch
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def torch_micro_step(shape, channels):
     import torch
     from torch import nn
     torch.manual_seed(0)
+    dev = torch_device()
     layers = []
     for c_in, c_out in zip(channels[:-1], channels[1:]):
         layers += [nn.Conv3d(c_in, c_out, 3, padding=1), nn.InstanceNorm3d(c_out, eps=1e-5,
                                                                           affine=True),
                    nn.LeakyReLU(0.01, inplace=True)]
-    net = nn.Sequential(*layers)
+    net = nn.Sequential(*layers).to(dev)
     b, d, h, w, c = shape
-    x = torch.randn(b, c, d, h, w)
+    x = torch.randn(b, c, d, h, w, device=dev)
 
     def run():
         net.zero_grad(set_to_none=True)
@@ -224,34 +232,43 @@ def torch_dice_ce(logits, labels, smooth=1e-5):
     return ce + 1 - dice.mean()
 
 
-def torch_unet_step(patch, batch, features):
+def torch_unet_step(patch, batch, features, kernels, strides, amp=False):
+    """nnU-Net's network and loss; amp: bfloat16 autocast (nnU-Net trains under autocast on
+    CUDA), the counterpart of the JAX side's --dtype bfloat16."""
+    import contextlib
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     torch.manual_seed(0)
+    dev = torch_device()
     n = len(features)
     net = PlainConvUNet(
         input_channels=4, n_stages=n, features_per_stage=list(features),
-        conv_op=torch.nn.Conv3d, kernel_sizes=[[3, 3, 3]] * n,
-        strides=[[1, 1, 1]] + [[2, 2, 2]] * (n - 1), n_conv_per_stage=[2] * n,
+        conv_op=torch.nn.Conv3d, kernel_sizes=[list(k) for k in kernels],
+        strides=[list(s) for s in strides], n_conv_per_stage=[2] * n,
         num_classes=NUM_OUTPUTS, n_conv_per_stage_decoder=[2] * (n - 1), conv_bias=True,
         norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+        deep_supervision=True).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     image, labels = _inputs(patch, batch)
-    x = torch.from_numpy(image).permute(0, 4, 1, 2, 3).contiguous()
-    y = torch.from_numpy(labels)
+    x = torch.from_numpy(image).permute(0, 4, 1, 2, 3).contiguous().to(dev)
+    y = torch.from_numpy(labels).to(dev)
     weights = [DS_DECAY ** i for i in range(n - 1)]
     weights = [v / sum(weights) for v in weights]
-    targets = []
+    targets, size = [], list(patch)
     for level in range(n - 1):
-        size = [p // 2 ** level for p in patch]
         targets.append(torch.nn.functional.interpolate(
             y[:, None].float(), size=size, mode="nearest-exact")[:, 0].long())
+        size = [a // b for a, b in zip(size, strides[level + 1])]
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if amp else \
+        contextlib.nullcontext
 
     def run():
         opt.zero_grad(set_to_none=True)
-        outs = net(x)
-        loss = sum(w * torch_dice_ce(o, t) for w, o, t in zip(weights, outs, targets))
+        with autocast():
+            outs = net(x)
+            loss = sum(w * torch_dice_ce(o.float(), t)
+                       for w, o, t in zip(weights, outs, targets))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
@@ -286,17 +303,40 @@ def run_micro(impls, repeats, warmup, shape=(2, 64, 64, 64, 4), channels=(4, 32,
             "best_ratio_to_torch": _best_ratios(times, "torch")}
 
 
+def default_plan(features):
+    """3x3x3 kernels everywhere, stride 1 then 2 per stage (the demo config's plan)."""
+    n = len(features)
+    return ((3, 3, 3),) * n, ((1, 1, 1),) + ((2, 2, 2),) * (n - 1)
+
+
+def config_plan(name):
+    """(patch, features, kernels, strides) of configs/lidia.py's variant `name`."""
+    from configs.lidia import get_config
+    c = get_config(name)
+    m = c.model
+    features = tuple(min(m.base_features * 2 ** i, m.max_features)
+                     for i in range(len(m.strides)))
+    return (tuple(c.input.patch_size), features, tuple(map(tuple, m.kernel_sizes)),
+            tuple(map(tuple, m.strides)))
+
+
 def run_unet(impls, repeats, warmup, patch=(32, 64, 64), batch=2, features=(16, 32, 64, 128),
-             full_model=True, dtype="float32"):
-    print(f"unet: features {features}, patch {patch}, batch {batch}, training step", flush=True)
-    fns = {f"jax_unet_{impl}": jax_unet_step(impl, patch, batch, features, dtype_name=dtype)
+             full_model=True, dtype="float32", plan=None):
+    """plan: (kernels, strides) per stage; default_plan(features) when None."""
+    kernels, strides = plan or default_plan(features)
+    print(f"unet: features {features}, kernels {kernels}, strides {strides}, patch {patch}, "
+          f"batch {batch}, training step", flush=True)
+    fns = {f"jax_unet_{impl}": jax_unet_step(impl, patch, batch, features, kernels, strides,
+                                             dtype_name=dtype)
            for impl in impls}
     if full_model:
-        fns["jax_lidia_per_voxel_early_auto"] = jax_unet_step("auto", patch, batch, features,
-                                                              True, dtype)
-    fns["torch_plainconvunet"] = torch_unet_step(patch, batch, features)
+        fns["jax_lidia_per_voxel_early_auto"] = jax_unet_step(
+            "auto", patch, batch, features, kernels, strides, True, dtype)
+    fns["torch_plainconvunet"] = torch_unet_step(patch, batch, features, kernels, strides,
+                                                 amp=dtype == "bfloat16")
     times = interleaved(fns, repeats, warmup)
     return {"case": "unet", "patch": list(patch), "batch": batch, "features": list(features),
+            "kernels": [list(k) for k in kernels], "strides": [list(s) for s in strides],
             "dtype": dtype, "times": times,
             "ratio_to_torch": _ratios(times, "torch_plainconvunet"),
             "best_ratio_to_torch": _best_ratios(times, "torch_plainconvunet")}
@@ -307,6 +347,9 @@ def environment():
     import torch
     from lidia_jax.model.conv import resolve_impl
     return {"jax": jax.__version__, "torch": torch.__version__,
+            "jax_devices": [d.device_kind for d in jax.devices()],
+            "torch_device": str(torch_device()) + (
+                f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
             "backend": jax.default_backend(), "auto_impl": resolve_impl("auto"),
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "machine": platform.processor()
@@ -329,8 +372,10 @@ def run_benchmark(repeats=3, warmup=1, quick=False, impls=("xla", "matmul"), mic
 def markdown(result):
     env = result["environment"]
     lines = ["# U-Net: lidia_jax vs nnU-Net PlainConvUNet (PyTorch)", "",
-             f"jax {env['jax']} ({env['backend']}, conv_impl auto -> {env['auto_impl']}), "
-             f"torch {env['torch']} ({env['torch_threads']} threads), {env['cpus']} CPUs, "
+             f"jax {env['jax']} ({env['backend']}: {', '.join(env.get('jax_devices', []))}; "
+             f"conv_impl auto -> {env['auto_impl']}), torch {env['torch']} "
+             f"({env.get('torch_device', 'cpu')}, {env['torch_threads']} threads), "
+             f"{env['cpus']} CPUs, "
              f"load average at start {tuple(round(v, 1) for v in env['load_avg'])}, "
              f"XLA_FLAGS={env['XLA_FLAGS']!r}", ""]
     for case in result["cases"]:
@@ -338,8 +383,12 @@ def markdown(result):
             lines.append(f"## Micro: two conv-IN-LeakyReLU blocks {case['channels']}, "
                          f"input {case['input']}, forward + backward ({case['dtype']})")
         else:
-            lines.append(f"## U-Net training step: features {case['features']}, patch "
-                         f"{case['patch']}, batch {case['batch']} ({case['dtype']})")
+            plan = (f", kernels {case['kernels']}, strides {case['strides']}"
+                    if "kernels" in case else "")
+            torch_dtype = " (PyTorch: bfloat16 autocast)" if case["dtype"] == "bfloat16" else ""
+            lines.append(f"## U-Net training step: features {case['features']}{plan}, patch "
+                         f"{case['patch']}, batch {case['batch']} ({case['dtype']}"
+                         f"{torch_dtype})")
         lines += ["", "| contender | median s | runs s | first call s | ratio to torch "
                   "(medians) | ratio to torch (fastest runs) |", "|---|---|---|---|---|---|"]
         for name, t in case["times"].items():
@@ -365,6 +414,8 @@ def main(argv=None):
     p.add_argument("--patch", type=int, nargs=3, default=[32, 64, 64])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--config", default="", help="take patch, features, kernels and strides "
+                   "from this configs/lidia.py variant (e.g. paper), overriding the three above")
     p.add_argument("--micro-shape", type=int, nargs=5, default=[2, 64, 64, 64, 4])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="JAX compute dtype (PyTorch stays float32)")
@@ -382,9 +433,12 @@ def main(argv=None):
         result["cases"].append(run_micro(args.impls, args.repeats, args.warmup,
                                          tuple(args.micro_shape), dtype=args.dtype))
     if args.unet or not args.micro:
-        result["cases"].append(run_unet(args.impls, args.repeats, args.warmup,
-                                        tuple(args.patch), args.batch, tuple(args.features),
-                                        not args.no_full_model, args.dtype))
+        patch, features, plan = tuple(args.patch), tuple(args.features), None
+        if args.config:
+            patch, features, *plan = config_plan(args.config)
+        result["cases"].append(run_unet(args.impls, args.repeats, args.warmup, patch,
+                                        args.batch, features, not args.no_full_model,
+                                        args.dtype, plan))
     md = markdown(result)
     print(md)
     if args.out:
