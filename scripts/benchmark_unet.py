@@ -5,13 +5,17 @@ r"""lidia_jax's U-Net vs nnU-Net's own PyTorch network (PlainConvUNet), same mac
   python scripts/benchmark_unet.py --micro --unet --impls xla matmul --repeats 5 \
       --out bench/unet                                 # both; writes bench/unet.{json,md}
   XLA_FLAGS=... python scripts/benchmark_unet.py       # XLA flags apply to the JAX side
+  python scripts/benchmark_unet.py --config paper --impls xla   # the paper's plan and patch
+      [--dtype bfloat16 --no-full-model]               # JAX bf16 vs torch bf16 autocast
 
-Needs the optional `bench` extra (pip install -e .[bench]: torch==2.13.0, the CPU build, and
-dynamic-network-architectures). The tests never import this script.
+PyTorch runs on CUDA (cuDNN autotuning on, as nnU-Net sets it) when it sees a GPU, else on the
+CPU; JAX on its default backend. Needs the optional `bench` extra (pip install -e .[bench]:
+torch==2.13.0, the CPU build, and dynamic-network-architectures). The tests never import this
+script.
 
 U-Net case (--unet): the U-Net alone, identical on both sides: 4 input channels, stages
---features (default 16 32 64 128, the demo config's), 3x3x3 kernels, strides 1,2,2,2, two
-conv -> instance norm (eps 1e-5, affine) -> LeakyReLU(0.01) blocks per encoder stage and per
+--features (default 16 32 64 128, the demo config's), 3x3x3 kernels, strides 1,2,2,2 (or the
+patch, features, kernels and strides of --config's variant), two conv -> instance norm (eps 1e-5, affine) -> LeakyReLU(0.01) blocks per encoder stage and per
 decoder level, transposed-conv upsampling, 1x1x1 head with 10 outputs at every decoder level
 (deep supervision), Dice + CE at every level (nnU-Net's batch Dice without background, weights
 1/2^i normalised, labels downsampled by nearest-exact), and one SGD step (Nesterov momentum
