@@ -16,7 +16,8 @@ script.
 U-Net case (--unet): the U-Net alone, identical on both sides: 4 input channels, stages
 --features (default 16 32 64 128, the demo config's), 3x3x3 kernels, strides 1,2,2,2 (or the
 patch, features, kernels and strides of --config's variant), two conv -> instance norm (eps
-1e-5, affine) -> LeakyReLU(0.01) blocks per encoder stage and per decoder level, transposed-conv upsampling, 1x1x1 head with 10 outputs at every decoder level
+1e-5, affine) -> LeakyReLU(0.01) blocks per encoder stage and per decoder level,
+transposed-conv upsampling, 1x1x1 head with 10 outputs at every decoder level
 (deep supervision), Dice + CE at every level (nnU-Net's batch Dice without background, weights
 1/2^i normalised, labels downsampled by nearest-exact), and one SGD step (Nesterov momentum
 0.99, lr 1e-2, global grad-norm clip 12, nnU-Net's defaults). JAX: lidia_jax.model's Encoder +
