@@ -137,40 +137,6 @@ def environment():
 # ---------------------------------------------------------------------------- train
 
 
-def fake_batch(config, batch_size, seed=0):
-    """A batch in the input pipeline's layout (INTERFACES.md "Batch"), numpy.
-
-    A liver block (label 1) with one cubic lesion per sample (label code 2 + b % 8), the
-    delayed phase absent in every other sample. Content only matters for the loss values, not
-    for the step time (fixed shapes); the foreground keeps the point sampler's branches busy.
-    Returns image f32 [B, D, H, W, 4], phase_mask bool [B, 4], semantic i32 [B, D, H, W],
-    masks bool [B, T, D, H, W], classes i32 [B, T], valid bool [B, T].
-    """
-    rng = np.random.default_rng(seed)
-    d, h, w = config.input.patch_size
-    t = config.data.max_instances
-    image = rng.normal(size=(batch_size, d, h, w, 4)).astype(np.float32)
-    phase_mask = np.ones((batch_size, 4), bool)
-    phase_mask[1::2, 3] = False
-    image *= phase_mask[:, None, None, None, :]
-    semantic = np.zeros((batch_size, d, h, w), np.int32)
-    semantic[:, d // 4:, h // 4:, : 3 * w // 4] = 1
-    masks = np.zeros((batch_size, t, d, h, w), bool)
-    classes = np.zeros((batch_size, t), np.int32)
-    valid = np.zeros((batch_size, t), bool)
-    for b in range(batch_size):
-        cz, cy, cx = d // 2, h // 2, w // 2
-        rz, ry, rx = max(1, d // 8), max(1, h // 8), max(1, w // 8)
-        semantic[b, cz - rz:cz + rz, cy - ry:cy + ry, cx - rx:cx + rx] = 2 + b % 8
-        masks[b, 0] = semantic[b] >= 1
-        masks[b, 1] = semantic[b] >= 2
-        classes[b, 1] = 1 + b % 8
-        valid[b, :2] = True
-        image[b, masks[b, 1], :3] += 1.0
-    return dict(image=image, phase_mask=phase_mask, semantic=semantic, masks=masks,
-                classes=classes, valid=valid)
-
-
 def bench_train(config_arg, repeats, warmup):
     """Training step of `config_arg` on the trainer's mesh: seconds, samples/s, memory."""
     import flax.linen as nn
@@ -178,6 +144,7 @@ def bench_train(config_arg, repeats, warmup):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from lidia_jax import model as model_lib
+    from lidia_jax.data.fake_batch import fake_batch
     from lidia_jax.train import optimizer as optimizer_lib
     from lidia_jax.train import sharding as sharding_lib
     from lidia_jax.train import trainer

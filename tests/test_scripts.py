@@ -203,22 +203,6 @@ def test_without_delayed_cache(ablation, tmp_path):
     assert data["seg"].shape == (2, 3, 4)
 
 
-def test_benchmark_fake_batch_layout(benchmark, smoke_config):
-    b = benchmark.fake_batch(smoke_config, 3)
-    d, h, w = smoke_config.input.patch_size
-    t = smoke_config.data.max_instances
-    assert b["image"].shape == (3, d, h, w, 4) and b["masks"].shape == (3, t, d, h, w)
-    for k in range(3):
-        np.testing.assert_array_equal(b["masks"][k, 0], b["semantic"][k] >= 1)
-        np.testing.assert_array_equal(b["masks"][k, 1], b["semantic"][k] >= 2)
-        lesion_codes = np.unique(b["semantic"][k][b["semantic"][k] >= 2])
-        assert lesion_codes.tolist() == [b["classes"][k, 1] + 1]  # class index = code - 1
-        assert b["valid"][k].tolist() == [True, True] + [False] * (t - 2)
-        assert not b["masks"][k, 2:].any()
-    assert not b["image"][1, ..., 3].any() and b["phase_mask"][:, 3].tolist() == [True, False,
-                                                                                  True]
-
-
 def test_benchmark_args_and_markdown(benchmark):
     args = benchmark.parse_args(["--quick"])
     assert (args.repeats, args.warmup, args.configs, args.shapes) == (1, 1, ["smoke"],

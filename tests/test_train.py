@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from fake_batches import fake_batch
+from lidia_jax.data.fake_batch import fake_batch
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")
 
@@ -230,3 +230,27 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, smoke_dataset):
     assert "could not be restored" in out.stderr
     assert list((workdir / "checkpoints_unreadable").iterdir())
     assert (workdir / "checkpoints" / "4").is_dir()  # written again by the resumed run
+
+
+def test_fake_batch_layout(smoke_config):
+    """The pipeline's batch contract: slot 0 the liver (all labelled voxels), each valid lesion
+    slot exactly the voxels of its label code (class index + 1), empty slots invalid and empty,
+    the delayed phase absent (and zero) in every other sample."""
+    b = fake_batch(smoke_config, 3)
+    d, h, w = smoke_config.input.patch_size
+    t = smoke_config.data.max_instances
+    assert b["image"].shape == (3, d, h, w, 4) and b["masks"].shape == (3, t, d, h, w)
+    for k in range(3):
+        sem = b["semantic"][k]
+        np.testing.assert_array_equal(b["masks"][k, 0], sem >= 1)
+        lesions = np.zeros_like(sem, bool)
+        for j in range(1, t):
+            if b["valid"][k, j]:
+                assert (sem[b["masks"][k, j]] == b["classes"][k, j] + 1).all()
+                lesions |= b["masks"][k, j]
+            else:
+                assert not b["masks"][k, j].any()
+        np.testing.assert_array_equal(lesions, sem >= 2)
+        assert b["valid"][k, 0] and b["valid"][k, 1]
+    assert not b["image"][1, ..., 3].any()
+    assert b["phase_mask"][:, 3].tolist() == [True, False, True]

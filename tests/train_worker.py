@@ -38,7 +38,7 @@ def main():
     import numpy as np
 
     from conftest import load_config
-    from fake_batches import fake_batch
+    from lidia_jax.data.fake_batch import fake_batch
     from lidia_jax import model as model_lib
     from lidia_jax.train import checkpoint as ckpt
     from lidia_jax.train import optimizer as optimizer_lib

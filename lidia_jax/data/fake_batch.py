@@ -1,4 +1,8 @@
-"""Deterministic fake training batches in the pipeline's layout (for train-step tests)."""
+"""Deterministic fake training batches in the input pipeline's layout, without any data.
+
+For train-step tests and step-time benchmarks (scripts/benchmark.py): fixed shapes from the
+config, so the step compiles exactly as it does on real batches.
+"""
 
 import numpy as np
 
