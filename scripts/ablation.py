@@ -33,7 +33,6 @@ lesion Dice, lesion sensitivity and precision). Writes --out (markdown) and the 
 import argparse
 import collections
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -44,6 +43,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+from lidia_jax.config_file import load_config  # noqa: E402
 LESIONS = ("HCC", "ICC", "meta", "heman", "FNH", "cyst", "calc", "others")
 SCALARS = ("auc8", "auc2", "lesion_dice", "lesion_sensitivity", "lesion_precision")
 SCALAR_TITLES = ("Mean (AUC-8)", "AUC-2", "lesion Dice", "sensitivity", "precision")
@@ -79,13 +81,6 @@ DELAYED = "delayed"  # LIDIA without the delayed phase at test time
 DELAYED_SOURCE = "t3_sam"
 ALL_ROWS = tuple(ROWS) + (DELAYED,)
 ROW_FILE = "ablation_row.json"  # the command a workdir was made with
-
-
-def load_config(arg):
-    spec = importlib.util.spec_from_file_location("lidia_config", ROOT / "configs" / "lidia.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("" if arg == "paper" else arg)
 
 
 def variant(base, name):

@@ -13,7 +13,6 @@ which includes the input volume and JAX/XLA. Prints one JSON line.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -25,16 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lidia_jax.inference import diagnose
+from lidia_jax.config_file import load_config
 from lidia_jax.inference import semantic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(arg):
-    spec = importlib.util.spec_from_file_location("lidia_config", ROOT / "configs" / "lidia.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def random_variables(model, patch, seed=0):

@@ -44,6 +44,9 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+from lidia_jax.config_file import load_config  # noqa: E402
 SECTIONS = ("train", "unet", "inference", "hungarian")
 DEFAULT_SHAPES = ("60,90,110", "300,512,512")  # preprocessed (D, H, W) voxels
 HUNGARIAN_QUERIES = 50
@@ -59,12 +62,6 @@ def _load_module(path, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def load_config(arg):
-    """configs/lidia.py's get_config; "paper" (or "") is the paper's setting."""
-    module = _load_module(ROOT / "configs" / "lidia.py", "lidia_config")
-    return module.get_config("" if arg == "paper" else arg)
 
 
 def _median_timing(fn, repeats, warmup, block):

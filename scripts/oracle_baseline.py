@@ -18,7 +18,6 @@ mean, the standard deviation, plus log volume. Absent phases are zero, as in the
 
 import argparse
 import datetime
-import importlib.util
 import json
 import pathlib
 import sys
@@ -31,18 +30,12 @@ from sklearn.ensemble import RandomForestClassifier
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lidia_jax.config_file import load_config  # noqa: E402
 from lidia_jax.data import preprocessing  # noqa: E402
 from lidia_jax.evaluation import metrics  # noqa: E402
 from lidia_jax.train import trainer  # noqa: E402
 
 LIVER = 1
-
-
-def load_config(arg):
-    spec = importlib.util.spec_from_file_location("lidia_config", ROOT / "configs" / "lidia.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def lesion_features(image: np.ndarray, seg: np.ndarray, inst: np.ndarray

@@ -1,6 +1,5 @@
 """Shared test helpers: load the project config the way the CLI does."""
 
-import importlib.util
 import os
 import pathlib
 
@@ -8,15 +7,9 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from lidia_jax.config_file import load_config  # noqa: E402  (tests import it from here)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(arg=None):
-    """Returns configs/lidia.py:get_config(arg), as `--config=configs/lidia.py:arg`."""
-    spec = importlib.util.spec_from_file_location("lidia_config", ROOT / "configs" / "lidia.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def write_image(path, array, spacing, origin=(0.0, 0.0, 0.0), direction=None):
