@@ -104,10 +104,6 @@ def _paper():
   # IFM: one F_conv shared by every fusion step of Eq. 2 (True, the literal reading) or
   # one F_conv per incoming phase A, V, D (False). [model engineer]
   c.model.ifm_shared_fuse = True
-  # Beyond the paper: add to each query's class logits a linear map of the features averaged
-  # under its own predicted mask: "none" (paper) | "features" | "features+image" (also the
-  # phases themselves). [model engineer]
-  c.model.mask_pooled_class = "none"
   c.model.base_features = 32
   c.model.max_features = 320
   # nnU-Net plan: per stage, kernel and stride per axis (z, y, x).

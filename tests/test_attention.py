@@ -10,7 +10,7 @@ import pytest
 
 from lidia_jax.model.position import sine_position_3d, split_channels
 from lidia_jax.model.transformer_decoder import PredictionHeads, TransformerDecoder, \
-    attention_mask, mask_pool, masked_attention
+    attention_mask, masked_attention
 
 
 def random_params(module, *args, scale):
@@ -147,45 +147,3 @@ def test_prediction_heads_match_numpy():
     np.testing.assert_allclose(masks, want, atol=1e-4)
     z = lin(np.maximum(lin(x, p["acl_proj_0"]), 0), p["acl_proj_1"])
     np.testing.assert_allclose(embed, z / np.linalg.norm(z, axis=-1, keepdims=True), atol=1e-5)
-
-
-def test_mask_pool_matches_numpy_loop_and_leaves_masks_out_of_the_gradient():
-    rng = np.random.default_rng(4)
-    logits = rng.normal(size=(2, 3, 2, 3, 4)).astype(np.float32) * 3
-    feats = rng.normal(size=(2, 2, 3, 4, 5)).astype(np.float32)
-    got = np.asarray(mask_pool(jnp.asarray(logits), jnp.asarray(feats)))
-    want = np.zeros((2, 3, 5))
-    for b in range(2):
-        for q in range(3):
-            w = 1 / (1 + np.exp(-logits[b, q]))
-            want[b, q] = (w[..., None] * feats[b]).sum((0, 1, 2)) / (w.sum() + 1e-6)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    g_masks, g_feats = jax.grad(lambda m, f: jnp.sum(mask_pool(m, f) ** 2), (0, 1))(
-        jnp.asarray(logits), jnp.asarray(feats))
-    assert not np.asarray(g_masks).any()  # the class loss never moves the masks
-    assert np.abs(np.asarray(g_feats)).sum() > 0
-
-
-def test_prediction_heads_pooled_class_term_matches_numpy():
-    """mask_pooled_class: logits = class_embed(LN(q)) + pooled_class_embed(LN(mean of
-    [mask_features, pool_features] under sigmoid(mask logits)))."""
-    rng = np.random.default_rng(5)
-    q = rng.normal(size=(2, 4, 8)).astype(np.float32)
-    mf = rng.normal(size=(2, 2, 3, 4, 3)).astype(np.float32)
-    extra = rng.normal(size=(2, 2, 3, 4, 2)).astype(np.float32)
-    plain = PredictionHeads(num_classes=4, mask_dim=3, acl_dim=5)
-    heads = PredictionHeads(num_classes=4, mask_dim=3, acl_dim=5, mask_pooled_class=True)
-    params = random_params(heads, q, mf, extra, scale=0.5)
-    logits, masks, _ = heads.apply({"params": params}, q, mf, extra)
-    base = {k: v for k, v in params.items() if not k.startswith("pooled")}
-    base_logits, base_masks, _ = plain.apply({"params": base}, q, mf)
-    np.testing.assert_allclose(masks, base_masks, atol=1e-5)
-    p = jax.tree_util.tree_map(np.asarray, params)
-    src = np.concatenate([mf, extra], -1)
-    w = 1 / (1 + np.exp(-np.asarray(masks, np.float64)))
-    pooled = np.einsum("bqdhw,bdhwc->bqc", w, src) / (w.sum((2, 3, 4))[..., None] + 1e-6)
-    mu, var = pooled.mean(-1, keepdims=True), pooled.var(-1, keepdims=True)
-    x = (pooled - mu) / np.sqrt(var + 1e-5) * p["pooled_norm"]["scale"] + p["pooled_norm"]["bias"]
-    want = np.asarray(base_logits) + x @ p["pooled_class_embed"]["kernel"] + \
-        p["pooled_class_embed"]["bias"]
-    np.testing.assert_allclose(logits, want, atol=1e-4)

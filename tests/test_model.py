@@ -261,9 +261,9 @@ def test_convlstm_matches_numpy_recurrence():
 
 # ------------------------------------------------------------------- the full network
 
-@pytest.fixture(scope="module", params=["none", "features+image"])
-def ifm_model_run(request):
-    model = smoke_model(mask_pooled_class=request.param)
+@pytest.fixture(scope="module")
+def ifm_model_run():
+    model = smoke_model()
     x, _ = inputs(3, seed=7)
     masks = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1]], bool)
     params = random_params(model, x, masks)
@@ -396,27 +396,3 @@ def test_model_cost_smoke():
     assert cost["params"] == count_params(jax.eval_shape(model.init, jax.random.PRNGKey(0),
                                                          x, pm))
     assert cost["flops"] > 0
-
-
-def test_image_at_block_means_with_absent_phases_zeroed():
-    from lidia_jax.model.lidia import image_at
-    rng = np.random.default_rng(6)
-    x = rng.normal(size=(2, 4, 6, 2, 4)).astype(np.float32)
-    pm = np.array([[1, 1, 1, 0], [0, 1, 1, 1]], bool)
-    x[~pm[:, None, None, None, :].repeat(4, 1).repeat(6, 2).repeat(2, 3)] = np.nan
-    got = np.asarray(image_at(jnp.asarray(x), jnp.asarray(pm), (2, 2, 1)))
-    assert got.shape == (2, 2, 2, 1, 8)
-    for b in range(2):
-        for z in range(2):
-            for y in range(2):
-                block = x[b, 2 * z:2 * z + 2, 3 * y:3 * y + 3, :, :]
-                for c in range(4):
-                    want = block[..., c].mean() if pm[b, c] else 0.0
-                    np.testing.assert_allclose(got[b, z, y, 0, c], want, rtol=1e-5, atol=1e-6)
-                np.testing.assert_array_equal(got[b, z, y, 0, 4:], pm[b].astype(np.float32))
-
-
-def test_unknown_mask_pooled_class_is_named():
-    with pytest.raises(ValueError, match="mask_pooled_class"):
-        model = smoke_model(mask_pooled_class="image")
-        model.init(jax.random.PRNGKey(0), *inputs(1))

@@ -18,9 +18,6 @@ from lidia_jax.model.transformer_decoder import TransformerDecoder
 from lidia_jax.model.unet_decoder import UNetDecoder
 
 HEADS = ("mask2former", "per_voxel")
-# Mask-pooled class term (PredictionHeads): off, over the mask features, or over the mask
-# features plus the block-averaged phases (image_at).
-POOLED_CLASS = ("none", "features", "features+image")
 NUM_LABEL_CODES = 10  # per-voxel head: label codes 0..9, background included
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -55,7 +52,6 @@ class LIDIA(nn.Module):
     acl_dim: int = 64
     num_classes: int = 9
     ifm_shared_fuse: bool = True
-    mask_pooled_class: str = "none"
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     conv_impl: str = "auto"
@@ -96,31 +92,10 @@ class LIDIA(nn.Module):
             self.hidden_dim, self.mask_dim, self.num_scales, self.mask_stride_stage,
             self.kernel_sizes, impl=self.conv_impl, dtype=self.dtype,
             name="pixel_decoder")(skips)
-        if self.mask_pooled_class not in POOLED_CLASS:
-            raise ValueError(f"config.model.mask_pooled_class={self.mask_pooled_class!r}: "
-                             f"expected one of {POOLED_CLASS}")
-        pool_features = None
-        if self.mask_pooled_class == "features+image":
-            pool_features = image_at(image, phase_mask, mask_features.shape[1:4])
         return TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
             self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
-            self.mask_pooled_class != "none",
-            name="transformer_decoder")(multi_scale, mask_features, pool_features)
-
-
-def image_at(image, phase_mask, size):
-    """The phases averaged over blocks down to `size`, absent phases zeroed, presence appended.
-
-    image [B, D, H, W, 4], phase_mask [B, 4], size (d, h, w) dividing (D, H, W) ->
-    [B, d, h, w, 8] float32.
-    """
-    b, c = image.shape[0], image.shape[-1]
-    present = phase_mask.astype(bool)[:, None, None, None, :]
-    x = jnp.where(present, image, 0.0).astype(jnp.float32)
-    f = [n // m for n, m in zip(image.shape[1:4], size)]
-    x = x.reshape(b, size[0], f[0], size[1], f[1], size[2], f[2], c).mean(axis=(2, 4, 6))
-    return jnp.concatenate([x, jnp.broadcast_to(present, x.shape).astype(jnp.float32)], -1)
+            name="transformer_decoder")(multi_scale, mask_features)
 
 
 def build_model(model_cfg) -> LIDIA:
@@ -147,6 +122,5 @@ def build_model(model_cfg) -> LIDIA:
         num_scales=int(model_cfg.num_scales), mask_stride_stage=int(model_cfg.mask_stride_stage),
         acl_dim=int(model_cfg.acl_dim), num_classes=int(model_cfg.num_classes),
         ifm_shared_fuse=bool(get("ifm_shared_fuse", True)),
-        mask_pooled_class=str(get("mask_pooled_class", "none")),
         dtype=_DTYPES[str(model_cfg.dtype)], remat=bool(model_cfg.remat),
         conv_impl=str(model_cfg.conv_impl))

@@ -119,38 +119,21 @@ class FFNLayer(nn.Module):
         return layer_norm(name="norm")(tgt + x.astype(jnp.float32))
 
 
-def mask_pool(mask_logits, features):
-    """Mean of `features` under each query's soft mask (sigmoid of the mask logits).
-
-    mask_logits [B, Q, D, H, W], features [B, D, H, W, C] -> [B, Q, C] (float32). The masks are
-    taken as given (stop_gradient): the class loss shapes the features, never the masks.
-    """
-    w = jax.nn.sigmoid(jax.lax.stop_gradient(mask_logits))
-    total = jnp.einsum("bqdhw,bdhwc->bqc", w, features.astype(jnp.float32))
-    return total / (jnp.sum(w, axis=(2, 3, 4))[..., None] + 1e-6)
-
-
 class PredictionHeads(nn.Module):
     """Mask2Former heads plus LIDIA's ACL projection, shared by all L + 1 predictions.
 
-    queries [B, Q, E], mask_features [B, D, H, W, M], pool_features [B, D, H, W, P] or None ->
+    queries [B, Q, E], mask_features [B, D, H, W, M] ->
       logits [B, Q, K+1] (float32), mask logits [B, Q, D, H, W] (float32),
       embed  [B, Q, acl_dim] (float32, unit L2 norm; z(x) of Eq. 4).
-
-    mask_pooled_class (beyond the paper, config.model.mask_pooled_class): the class logits get a
-    second term, a linear map of the mask features (and `pool_features`, if given) averaged
-    under the query's own predicted mask, so the class gradient reaches the pixel features
-    directly instead of only through masked cross-attention.
     """
 
     num_classes: int
     mask_dim: int
     acl_dim: int
     dtype: jnp.dtype = jnp.float32
-    mask_pooled_class: bool = False
 
     @nn.compact
-    def __call__(self, queries, mask_features, pool_features=None):
+    def __call__(self, queries, mask_features):
         e = queries.shape[-1]
         x = layer_norm(name="decoder_norm")(queries)
         logits = dense(self.num_classes + 1, ("embed", "classes"), self.dtype,
@@ -163,12 +146,6 @@ class PredictionHeads(nn.Module):
         masks = jnp.einsum("bqc,bdhwc->bqdhw", m.astype(self.dtype),
                            mask_features.astype(self.dtype),
                            preferred_element_type=jnp.float32)
-        if self.mask_pooled_class:
-            source = mask_features if pool_features is None else jnp.concatenate(
-                [mask_features.astype(jnp.float32), pool_features.astype(jnp.float32)], -1)
-            pooled = layer_norm(name="pooled_norm")(mask_pool(masks, source))
-            logits = logits + dense(self.num_classes + 1, ("mask", "classes"), self.dtype,
-                                    name="pooled_class_embed")(pooled)
         z = nn.relu(dense(e, ("embed", "mlp"), self.dtype, name="acl_proj_0")(x))
         z = dense(self.acl_dim, ("mlp", "acl"), self.dtype, name="acl_proj_1")(z)
         z = z.astype(jnp.float32)
@@ -181,8 +158,6 @@ class TransformerDecoder(nn.Module):
 
     multi_scale: list of num_scales maps [B, d_l, h_l, w_l, hidden_dim], coarsest first.
     mask_features: [B, D, H, W, mask_dim].
-    pool_features: [B, D, H, W, P] or None, extra maps the mask-pooled class term averages
-      (PredictionHeads; used only with mask_pooled_class).
     Returns dict (all float32):
       logits [L+1, B, Q, K+1], masks [L+1, B, Q, D, H, W], embed [L+1, B, Q, acl_dim]
     index 0 from the learnable queries before the first layer, -1 the final prediction.
@@ -197,10 +172,9 @@ class TransformerDecoder(nn.Module):
     mask_dim: int
     acl_dim: int
     dtype: jnp.dtype = jnp.float32
-    mask_pooled_class: bool = False
 
     @nn.compact
-    def __call__(self, multi_scale, mask_features, pool_features=None):
+    def __call__(self, multi_scale, mask_features):
         b = mask_features.shape[0]
         e = self.hidden_dim
         num_scales = len(multi_scale)
@@ -222,11 +196,11 @@ class TransformerDecoder(nn.Module):
         output = jnp.broadcast_to(query_feat[None], (b, self.num_queries, e))
 
         heads = PredictionHeads(self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
-                                self.mask_pooled_class, name="heads")
+                                name="heads")
         preds = []
 
         def predict(out, next_size):
-            logits, masks, z = heads(out, mask_features, pool_features)
+            logits, masks, z = heads(out, mask_features)
             preds.append((logits, masks, z))
             return attention_mask(masks, next_size)
 
