@@ -155,10 +155,11 @@ def _paper():
 
   # ---------------------------------------------------------- optimiser
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"
+  c.optim.name = "adamw"  # adamw | sgd (nnU-Net's: Nesterov momentum)
   c.optim.lr = 1e-5  # paper section 3
   c.optim.weight_decay = 0.05
   c.optim.eps = 1e-8  # Adam's epsilon
+  c.optim.momentum = 0.99  # sgd only (nnU-Net)
   c.optim.grad_clip = 1.0
   c.optim.warmup_steps = 0
   c.optim.schedule = "poly"  # poly | cosine | constant

@@ -102,3 +102,29 @@ def test_schedules():
         assert float(const(s)) == pytest.approx(lr)
     with pytest.raises(ValueError, match="config.optim.schedule"):
         make_schedule(_cfg(schedule="step"), steps)
+
+
+def test_sgd_matches_torch_nesterov_sgd_loop():
+    """optim.name="sgd" = torch.optim.SGD(lr, momentum, weight_decay, nesterov=True) after
+    grad-norm clipping (nnU-Net's step), written out for five steps on the quadratic."""
+    cfg = _cfg(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.01, grad_clip=2.0,
+               schedule="constant", sam=False)
+    opt = make_optimizer(cfg, num_steps=10)
+    params = {"w": jnp.asarray([0.2, -0.4, 1.0], jnp.float32)}
+    state = opt.init(params)
+    w, buf = np.array([0.2, -0.4, 1.0]), np.zeros(3)
+    step = jax.jit(lambda p, s: opt.update({"w": quad_grad(p["w"])}, s, p))
+    for _ in range(5):
+        updates, state = step(params, state)
+        params = optax.apply_updates(params, updates)
+        g = quad_grad(w)
+        g = g * min(1.0, 2.0 / np.linalg.norm(g))
+        d = g + 0.01 * w
+        buf = 0.9 * buf + d
+        w = w - 0.05 * (d + 0.9 * buf)
+        np.testing.assert_allclose(np.asarray(params["w"]), w, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_optimizer_is_named():
+    with pytest.raises(ValueError, match="optim.name"):
+        make_optimizer(_cfg(name="lamb"), num_steps=10)

@@ -1,6 +1,6 @@
-"""Optimiser: AdamW with gradient clipping and a warmup + decay schedule,
-optionally wrapped in sharpness-aware minimisation (SAM, Foret et al. 2021),
-which LIDIA uses for its final model (paper section 2, Table 3)."""
+"""Optimiser: AdamW (LIDIA, Mask2Former) or nnU-Net's SGD with Nesterov momentum, with gradient
+clipping and a warmup + decay schedule, optionally wrapped in sharpness-aware minimisation (SAM,
+Foret et al. 2021), which LIDIA uses for its final model (paper section 2, Table 3)."""
 
 import jax
 import jax.numpy as jnp
@@ -69,9 +69,11 @@ def sam(base, rho, eps=1e-12):
 def make_optimizer(optim_cfg, num_steps):
     """Builds the optimiser from config.optim.
 
-    Base: chain(clip_by_global_norm(grad_clip), adamw(schedule,
-    weight_decay)); with optim_cfg.sam the base is wrapped in `sam` with
-    rho = optim_cfg.sam_rho (clipping then applies to the SAM gradient).
+    Base: chain(clip_by_global_norm(grad_clip), adamw(schedule, weight_decay)) for name
+    "adamw"; for "sgd" (nnU-Net: lr 1e-2, momentum 0.99, weight decay 3e-5, clip 12)
+    chain(clip, add_decayed_weights(weight_decay), sgd(schedule, momentum, nesterov=True)),
+    the decay added to the gradient as torch.optim.SGD does. With optim_cfg.sam the base is
+    wrapped in `sam` with rho = optim_cfg.sam_rho (clipping then applies to the SAM gradient).
     Either way the call is `update(grads, state, params, grad_fn=grad_fn)`;
     without SAM grad_fn is ignored.
 
@@ -82,15 +84,19 @@ def make_optimizer(optim_cfg, num_steps):
     Returns:
       optax.GradientTransformationExtraArgs.
     """
-    if optim_cfg.name != "adamw":
-        raise ValueError(f"config.optim.name={optim_cfg.name!r}; only "
-                         f"'adamw' is implemented.")
+    if optim_cfg.name not in ("adamw", "sgd"):
+        raise ValueError(f"config.optim.name={optim_cfg.name!r}; expected 'adamw' or 'sgd'.")
     parts = []
     if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.grad_clip)))
-    parts.append(optax.adamw(make_schedule(optim_cfg, num_steps),
-                             eps=float(optim_cfg.get("eps", 1e-8)),
-                             weight_decay=float(optim_cfg.weight_decay)))
+    schedule = make_schedule(optim_cfg, num_steps)
+    if optim_cfg.name == "adamw":
+        parts.append(optax.adamw(schedule, eps=float(optim_cfg.get("eps", 1e-8)),
+                                 weight_decay=float(optim_cfg.weight_decay)))
+    else:
+        parts += [optax.add_decayed_weights(float(optim_cfg.weight_decay)),
+                  optax.sgd(schedule, momentum=float(optim_cfg.get("momentum", 0.99)),
+                            nesterov=True)]
     base = optax.chain(*parts)
     if optim_cfg.sam:
         return sam(base, float(optim_cfg.sam_rho))
