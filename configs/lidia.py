@@ -300,6 +300,7 @@ _OVERRIDES = {
     "contrastive": lambda c, v: setattr(c.loss, "contrastive", v),
     "patient_score": lambda c, v: setattr(c.inference, "patient_score", v),
     "sam": lambda c, v: setattr(c.optim, "sam", bool(int(v))),
+    "lr": lambda c, v: setattr(c.optim, "lr", float(v)),
     "delayed": lambda c, v: setattr(c.data, "drop_delayed", not bool(int(v))),
 }
 

@@ -98,6 +98,7 @@ def test_ablation_rows_are_valid_configs(ablation):
         assert (c.model.head, c.model.fusion, c.data.drop_delayed, c.optim.sam,
                 c.inference.patient_score) == (head, fusion, drop_d, sam, score), name
         assert c.train.num_steps == 7
+        assert c.optim.lr == (1e-2 if head == "per_voxel" else load_config("demo").optim.lr)
         assert c.input.patch_size == load_config("demo").input.patch_size
         assert c.data.root == "/tmp/r/data/synthetic"
     cls = {n: ablation.row_config("smoke", n, "/r").loss for n in ablation.ROWS}
