@@ -130,9 +130,9 @@ def jax_unet_step(impl, patch, batch, features, kernels, strides, full_model=Fal
 
     dtype = getattr(jnp, dtype_name)
     if full_model:
-        from configs.lidia import get_config
+        from lidia_jax.config_file import load_config
         from lidia_jax.model import build_model
-        mcfg = get_config("demo,head=per_voxel,fusion=early").model
+        mcfg = load_config("demo,head=per_voxel,fusion=early").model
         mcfg.base_features, mcfg.max_features = features[0], max(features)
         mcfg.kernel_sizes, mcfg.strides = kernels, strides
         mcfg.conv_impl, mcfg.dtype = impl, dtype_name
@@ -316,11 +316,11 @@ def default_plan(features):
 
 def config_plan(name):
     """(patch, features, kernels, strides) of configs/lidia.py's variant `name`."""
-    from configs.lidia import get_config
-    c = get_config(name)
+    from lidia_jax.config_file import load_config
+    from lidia_jax.model.encoder import stage_features
+    c = load_config(name)
     m = c.model
-    features = tuple(min(m.base_features * 2 ** i, m.max_features)
-                     for i in range(len(m.strides)))
+    features = stage_features(len(m.strides), m.base_features, m.max_features)
     return (tuple(c.input.patch_size), features, tuple(map(tuple, m.kernel_sizes)),
             tuple(map(tuple, m.strides)))
 
