@@ -9,7 +9,6 @@ import SimpleITK as sitk
 
 from conftest import write_image
 from lidia_jax.data import contract
-from lidia_jax.data import geometry as geo
 
 LABELS = {"background": 0, "liver": 1, "HCC": 2, "ICC": 3, "meta": 4, "heman": 5, "FNH": 6,
           "cyst": 7, "calc": 8, "others": 9}

@@ -387,7 +387,7 @@ def test_compute_loss_invariant_to_query_order():
 def test_compute_loss_small_for_perfect_predictions():
     outputs, batch = _model_shaped(2)
     memory = init_memory(CFG.loss.memory_size, CFG.model.acl_dim)
-    q, k = CFG.model.num_queries, CFG.model.num_classes
+    k = CFG.model.num_classes
     t = CFG.data.max_instances
     # Query 2 + i predicts target i exactly; other queries say no-object.
     masks = np.full(outputs["masks"].shape, -30.0, np.float32)

@@ -12,7 +12,7 @@ Metric definitions: lidia_jax/evaluation/metrics.py.
 
 import pathlib
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk

@@ -1,7 +1,7 @@
 """Figures of an evaluation (matplotlib, Agg backend: no display needed)."""
 
 import pathlib
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import matplotlib
 

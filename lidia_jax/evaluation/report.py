@@ -3,7 +3,7 @@
 import json
 import math
 import pathlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 from lidia_jax.evaluation import plots
 

@@ -115,7 +115,6 @@ def sliding_window_inference(volume: np.ndarray, phase_mask: np.ndarray, tile_fn
     if volume.ndim != 4:
         raise ValueError(f"volume must be [D, H, W, P], got shape {volume.shape}")
     patch_size = tuple(int(p) for p in patch_size)
-    shape = volume.shape[:3]
     volume, crop = _pad_to_patch(volume, patch_size)
     pshape = volume.shape[:3]
     weights = (gaussian_importance_map(patch_size, sigma_scale) if importance_map is None

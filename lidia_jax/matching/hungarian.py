@@ -57,7 +57,6 @@ def hungarian(cost, valid=None):
     zero_f = a[0, 0] * 0
     zero_i = valid[0].astype(jnp.int32) * 0
     inf = jnp.array(jnp.inf, dtype)
-    cols = jnp.arange(n_queries + 1)
 
     def add_row(i, state):
         u, v, p = state  # u [M+1], v [N+1], p [N+1]: row matched to column j

@@ -15,7 +15,7 @@ their predictions, and inference, are the same with or without them.
 """
 
 import math
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import flax.linen as nn
 import jax
