@@ -120,9 +120,6 @@ def _paper():
   c.model.num_scales = 3
   c.model.mask_stride_stage = 1  # mask_features at the resolution of stage 1
   c.model.acl_dim = 64
-  # Mask-piloted training (MP-Former, CVPR 2023; not in the paper): extra training-only queries
-  # that attend through the ground-truth masks (lidia_jax/model/transformer_decoder.py).
-  c.model.mask_pilot = False
   c.model.num_classes = len(LABELS) - 1  # liver + 8 lesions (+ no-object)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.remat = False  # rematerialise encoder stages
@@ -149,7 +146,6 @@ def _paper():
   c.loss.temperature = 0.1
   c.loss.memory_size = 1024
   c.loss.others_class = len(LESIONS)  # class index of "others" (0 is liver)
-  c.loss.pilot_weight = 1.0  # weight of the mask-piloted queries' losses (model.mask_pilot)
   c.loss.deep_supervision = True
   # per-voxel head (nnU-Net): Dice + CE with deep supervision weights 1/2^i
   c.loss.ds_weights_decay = 0.5
@@ -305,7 +301,6 @@ _OVERRIDES = {
     "patient_score": lambda c, v: setattr(c.inference, "patient_score", v),
     "sam": lambda c, v: setattr(c.optim, "sam", bool(int(v))),
     "lr": lambda c, v: setattr(c.optim, "lr", float(v)),
-    "pilot": lambda c, v: setattr(c.model, "mask_pilot", bool(int(v))),
     "delayed": lambda c, v: setattr(c.data, "drop_delayed", not bool(int(v))),
 }
 

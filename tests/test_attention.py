@@ -10,7 +10,7 @@ import pytest
 
 from lidia_jax.model.position import sine_position_3d, split_channels
 from lidia_jax.model.transformer_decoder import PredictionHeads, TransformerDecoder, \
-    attention_mask, masked_attention, pilot_attention_mask
+    attention_mask, masked_attention
 
 
 def random_params(module, *args, scale):
@@ -147,57 +147,3 @@ def test_prediction_heads_match_numpy():
     np.testing.assert_allclose(masks, want, atol=1e-4)
     z = lin(np.maximum(lin(x, p["acl_proj_0"]), 0), p["acl_proj_1"])
     np.testing.assert_allclose(embed, z / np.linalg.norm(z, axis=-1, keepdims=True), atol=1e-5)
-
-
-def test_pilot_attention_mask_matches_cell_loop():
-    """A cell may be attended when any voxel of the ground-truth mask falls in it; an empty
-    (padded) target attends everywhere; a size that does not divide the mask is refused."""
-    rng = np.random.default_rng(5)
-    masks = rng.random((2, 3, 4, 8, 6)) > 0.97
-    masks[1, 2] = False
-    got = np.asarray(pilot_attention_mask(jnp.asarray(masks), (2, 4, 3)))
-    want = np.zeros((2, 3, 2, 4, 3), bool)
-    for b, t, z, y, x in np.ndindex(want.shape):
-        want[b, t, z, y, x] = masks[b, t, 2 * z:2 * z + 2, 2 * y:2 * y + 2, 2 * x:2 * x + 2].any()
-    want = want.reshape(2, 3, -1)
-    want[1, 2] = True
-    np.testing.assert_array_equal(got, want)
-    with pytest.raises(ValueError, match="multiple"):
-        pilot_attention_mask(jnp.asarray(masks), (3, 4, 3))
-
-
-def _pilot_decoder():
-    dec = TransformerDecoder(num_queries=4, hidden_dim=16, num_heads=2, ffn_dim=8, dec_layers=3,
-                             num_classes=4, mask_dim=4, acl_dim=4, mask_pilot=True)
-    rng = np.random.default_rng(6)
-    ms = [jnp.asarray(rng.normal(size=(2, 2, 2, 2, 16)), jnp.float32),
-          jnp.asarray(rng.normal(size=(2, 4, 4, 4, 16)), jnp.float32)]
-    mf = jnp.asarray(rng.normal(size=(2, 8, 8, 8, 4)), jnp.float32)
-    pilots = np.zeros((2, 3, 8, 8, 8), bool)
-    pilots[:, 0, :4, :4, :4] = True
-    pilots[:, 1, 5:, 6:, 2:5] = True  # pilots[:, 2] empty: a padded target
-    return dec, ms, mf, jnp.asarray(pilots), random_params(dec, ms, mf, scale=0.3)
-
-
-def test_pilot_queries_leave_the_matching_queries_unchanged():
-    """Mask-piloted queries (MP-Former) add predictions; the matching queries' outputs, and so
-    inference, are the same with or without them, and get no gradient from the pilots' masks."""
-    dec, ms, mf, pilots, params = _pilot_decoder()
-    plain = dec.apply({"params": params}, ms, mf)
-    piloted = dec.apply({"params": params}, ms, mf, pilots)
-    assert set(plain) == {"logits", "masks", "embed"}
-    assert piloted["pilot_logits"].shape == (3, 2, 3, 5)  # after each of the 3 layers
-    assert piloted["pilot_masks"].shape == (3, 2, 3, 8, 8, 8)
-    for k in plain:
-        np.testing.assert_allclose(np.asarray(piloted[k]), np.asarray(plain[k]), atol=1e-5)
-
-    # The pilots do depend on their masks: move pilot 0's mask and its predictions change.
-    moved = jnp.roll(pilots, 4, axis=2)
-    other = dec.apply({"params": params}, ms, mf, moved)
-    assert np.abs(np.asarray(other["pilot_logits"][:, :, 0] - piloted["pilot_logits"][:, :, 0])
-                  ).max() > 1e-3
-    np.testing.assert_allclose(np.asarray(other["logits"]), np.asarray(plain["logits"]),
-                               atol=1e-5)
-    with pytest.raises(ValueError, match="mask_pilot"):
-        dec.clone(mask_pilot=False).apply({"params": params}, ms, mf, pilots)
-

@@ -154,28 +154,6 @@ def test_nonfinite_batch_is_skipped_and_counted():
     assert any(changed)
 
 
-def test_mask_pilot_train_step_trains_the_pilots():
-    """config.model.mask_pilot: the step feeds the batch's ground-truth masks to the pilot
-    queries; their loss enters the metrics and their learned query moves."""
-    import flax.linen as nn
-
-    from lidia_jax import model as model_lib
-    from lidia_jax.train import optimizer as optimizer_lib
-    from lidia_jax.train import trainer
-
-    config = load_config("smoke,pilot=1")
-    model = model_lib.build_model(config.model)
-    tx = optimizer_lib.make_optimizer(config.optim, 10)
-    state = jax.jit(lambda r: nn.meta.unbox(trainer.make_init(model, tx, config)(r)))(
-        jax.random.key(0))
-    before = np.asarray(state.params["transformer_decoder"]["pilot_query"])
-    state, metrics = jax.jit(trainer.make_train_step(model, tx, config))(
-        state, fake_batch(config, 2, seed=0))
-    assert float(metrics["finite"]) == 1.0
-    assert np.isfinite(float(metrics["loss_pilot"])) and float(metrics["loss_pilot"]) > 0
-    assert not np.array_equal(before, state.params["transformer_decoder"]["pilot_query"])
-
-
 @pytest.fixture(scope="module")
 def smoke_dataset(tmp_path_factory):
     from lidia_jax.data import synthetic

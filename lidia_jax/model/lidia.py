@@ -25,12 +25,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 class LIDIA(nn.Module):
     """LIDIA (Huang et al., MICCAI 2024) and its baselines, NDHWC.
 
-    __call__(image [B, D, H, W, 4] float, phase_mask [B, 4] bool, train, pilot_masks=None) ->
+    __call__(image [B, D, H, W, 4] float, phase_mask [B, 4] bool, train) ->
       head "mask2former": {"logits" [L+1, B, Q, K+1], "masks" [L+1, B, Q, d, h, w],
-                           "embed" [L+1, B, Q, E]}, (d, h, w) = encoder stage mask_stride_stage;
-                          with pilot_masks (bool [B, T, D, H, W] ground-truth instances, training
-                          only, needs mask_pilot) also "pilot_logits" and "pilot_masks", see
-                          TransformerDecoder
+                           "embed" [L+1, B, Q, E]}, (d, h, w) = encoder stage mask_stride_stage
       head "per_voxel":   {"seg_logits" [B, D, H, W, 10], "seg_logits_ds" (coarser levels,
                            finest first)}
     All outputs float32 whatever `dtype`. `train` is accepted for the interface; the network has
@@ -54,7 +51,6 @@ class LIDIA(nn.Module):
     mask_stride_stage: int = 1
     acl_dim: int = 64
     num_classes: int = 9
-    mask_pilot: bool = False
     ifm_shared_fuse: bool = True
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
@@ -75,7 +71,7 @@ class LIDIA(nn.Module):
                 f"{tuple(int(t) for t in total)}")
 
     @nn.compact
-    def __call__(self, image, phase_mask, train: bool = False, pilot_masks=None):
+    def __call__(self, image, phase_mask, train: bool = False):
         del train  # no dropout / batch statistics: see the class docstring
         self._check(image, phase_mask)
         features = stage_features(len(self.strides), self.base_features, self.max_features)
@@ -98,8 +94,8 @@ class LIDIA(nn.Module):
             name="pixel_decoder")(skips)
         return TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
-            self.num_classes, self.mask_dim, self.acl_dim, self.mask_pilot, self.dtype,
-            name="transformer_decoder")(multi_scale, mask_features, pilot_masks)
+            self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
+            name="transformer_decoder")(multi_scale, mask_features)
 
 
 def build_model(model_cfg) -> LIDIA:
@@ -125,7 +121,6 @@ def build_model(model_cfg) -> LIDIA:
         ffn_dim=int(model_cfg.ffn_dim), dec_layers=int(model_cfg.dec_layers),
         num_scales=int(model_cfg.num_scales), mask_stride_stage=int(model_cfg.mask_stride_stage),
         acl_dim=int(model_cfg.acl_dim), num_classes=int(model_cfg.num_classes),
-        mask_pilot=bool(get("mask_pilot", False)),
         ifm_shared_fuse=bool(get("ifm_shared_fuse", True)),
         dtype=_DTYPES[str(model_cfg.dtype)], remat=bool(model_cfg.remat),
         conv_impl=str(model_cfg.conv_impl))

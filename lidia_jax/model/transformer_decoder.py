@@ -5,13 +5,6 @@ Each layer: masked cross-attention (queries -> one scale of pixel features) -> s
 previous prediction's mask logits, resized to that scale, give the attention mask (Mask2Former
 Eq. 2 style: attend where sigmoid >= 0.5). Prediction heads run on the learnable queries before
 the first layer and after every layer (L + 1 predictions, all supervised).
-
-Mask-piloted training (MP-Former, Zhang et al., CVPR 2023), optional: T extra "pilot" queries,
-one per ground-truth instance, attend through the instance's own mask at every layer instead of
-a predicted one, and are supervised against that instance without matching. The class head and
-the cross-attention then learn from correct masks from the first step, rather than waiting for
-the matched queries' masks to become good. The matching queries never attend to the pilots, so
-their predictions, and inference, are the same with or without them.
 """
 
 import math
@@ -97,34 +90,16 @@ class CrossAttentionLayer(nn.Module):
         return layer_norm(name="norm")(tgt + att.astype(jnp.float32))
 
 
-def pilot_attention_mask(masks, size: Sequence[int]):
-    """Attention mask of the pilot queries from ground-truth masks.
-
-    masks bool [B, T, D, H, W] -> bool [B, T, d*h*w] at `size` = (d, h, w), which must divide
-    (D, H, W): a cell may be attended when any of its voxels is in the mask, so that a lesion
-    smaller than a cell is not lost. Empty (padded) targets attend everywhere.
-    """
-    b, t = masks.shape[:2]
-    full = masks.shape[2:]
-    if any(n % s for n, s in zip(full, size)):
-        raise ValueError(f"pilot_attention_mask: mask size {tuple(full)} is not a multiple of "
-                         f"the feature size {tuple(size)}")
-    f = [n // s for n, s in zip(full, size)]
-    blocks = masks.reshape(b, t, size[0], f[0], size[1], f[1], size[2], f[2])
-    allowed = jnp.any(blocks, axis=(3, 5, 7)).reshape(b, t, -1)
-    return allowed | ~jnp.any(allowed, axis=-1, keepdims=True)
-
-
 class SelfAttentionLayer(nn.Module):
-    """tgt = LN(tgt + MHA(tgt + query_pos, tgt + query_pos, tgt, allowed)) (post-norm)."""
+    """tgt = LN(tgt + MHA(tgt + query_pos, tgt + query_pos, tgt)) (post-norm)."""
 
     num_heads: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tgt, query_pos, allowed=None):
+    def __call__(self, tgt, query_pos):
         qk = tgt + query_pos
-        att = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(qk, qk, tgt, allowed)
+        att = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(qk, qk, tgt)
         return layer_norm(name="norm")(tgt + att.astype(jnp.float32))
 
 
@@ -183,13 +158,9 @@ class TransformerDecoder(nn.Module):
 
     multi_scale: list of num_scales maps [B, d_l, h_l, w_l, hidden_dim], coarsest first.
     mask_features: [B, D, H, W, mask_dim].
-    pilot_masks: None, or bool [B, T, D', H', W'] ground-truth instance masks (padded targets
-      empty) when `mask_pilot`; (D', H', W') a multiple of every scale's size.
     Returns dict (all float32):
       logits [L+1, B, Q, K+1], masks [L+1, B, Q, D, H, W], embed [L+1, B, Q, acl_dim]
-    index 0 from the learnable queries before the first layer, -1 the final prediction; with
-    pilot_masks also pilot_logits [L, B, T, K+1] and pilot_masks [L, B, T, D, H, W], the pilot
-    queries' predictions after each layer.
+    index 0 from the learnable queries before the first layer, -1 the final prediction.
     """
 
     num_queries: int
@@ -200,11 +171,10 @@ class TransformerDecoder(nn.Module):
     num_classes: int
     mask_dim: int
     acl_dim: int
-    mask_pilot: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, multi_scale, mask_features, pilot_masks=None):
+    def __call__(self, multi_scale, mask_features):
         b = mask_features.shape[0]
         e = self.hidden_dim
         num_scales = len(multi_scale)
@@ -224,52 +194,24 @@ class TransformerDecoder(nn.Module):
         query_feat = table("query_feat")
         query_pos = jnp.broadcast_to(table("query_pos")[None], (b, self.num_queries, e))
         output = jnp.broadcast_to(query_feat[None], (b, self.num_queries, e))
-        if pilot_masks is not None and not self.mask_pilot:
-            raise ValueError("TransformerDecoder: pilot_masks given but mask_pilot is off "
-                             "(config.model.mask_pilot)")
-        if self.mask_pilot:  # made whenever configured, so init and apply see one tree
-            pilot = self.param("pilot_query", nn.with_logical_partitioning(
-                nn.initializers.normal(1.0), (None, "embed")), (2, e), jnp.float32)
-        piloted = pilot_masks is not None
-        self_allowed = None
-        if piloted:
-            q, t = self.num_queries, pilot_masks.shape[1]
-            pilot_allowed = [pilot_attention_mask(pilot_masks, s) for s in sizes]
-            # One learned content and position for every pilot: its mask is what tells it apart.
-            output = jnp.concatenate(
-                [output, jnp.broadcast_to(pilot[0], (b, t, e))], axis=1)
-            query_pos = jnp.concatenate(
-                [query_pos, jnp.broadcast_to(pilot[1], (b, t, e))], axis=1)
-            # Matching queries must not see the pilots (they carry the ground truth).
-            is_pilot = jnp.arange(q + t) >= q
-            self_allowed = (is_pilot[:, None] | ~is_pilot[None, :])[None]  # [1, Q+T, Q+T]
 
         heads = PredictionHeads(self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
                                 name="heads")
-        preds, pilot_preds = [], []
+        preds = []
 
-        def predict(out, next_scale):
+        def predict(out, next_size):
             logits, masks, z = heads(out, mask_features)
-            q = self.num_queries
-            preds.append((logits[:, :q], masks[:, :q], z[:, :q]))
-            allowed = attention_mask(masks[:, :q], sizes[next_scale])
-            if piloted:
-                if len(preds) > 1:  # before the first layer all pilots are alike: skip it
-                    pilot_preds.append((logits[:, q:], masks[:, q:]))
-                allowed = jnp.concatenate([allowed, pilot_allowed[next_scale]], axis=1)
-            return allowed
+            preds.append((logits, masks, z))
+            return attention_mask(masks, next_size)
 
-        allowed = predict(output, 0)
+        allowed = predict(output, sizes[0])
         for i in range(self.dec_layers):
             l = i % num_scales
             output = CrossAttentionLayer(self.num_heads, self.dtype, name=f"cross_{i}")(
                 output, memories[l], positions[l], query_pos, allowed)
             output = SelfAttentionLayer(self.num_heads, self.dtype, name=f"self_{i}")(
-                output, query_pos, self_allowed)
+                output, query_pos)
             output = FFNLayer(self.ffn_dim, self.dtype, name=f"ffn_{i}")(output)
-            allowed = predict(output, (i + 1) % num_scales)
+            allowed = predict(output, sizes[(i + 1) % num_scales])
         logits, masks, embed = (jnp.stack(t) for t in zip(*preds))
-        out = {"logits": logits, "masks": masks, "embed": embed}
-        if piloted:
-            out["pilot_logits"], out["pilot_masks"] = (jnp.stack(t) for t in zip(*pilot_preds))
-        return out
+        return {"logits": logits, "masks": masks, "embed": embed}

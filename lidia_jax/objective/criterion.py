@@ -10,9 +10,6 @@ Mask2Former does. L_acl and the memory-bank update use the final layer's
 matching and embeddings only: the paper contrasts the final queries, and the
 bank must hold one embedding per lesion and step (intermediate layers would
 enter it L+1 times, with embeddings of earlier, worse-matched queries).
-
-With mask-piloted queries (config.model.mask_pilot), their L_seg + L_focal,
-one query per target and no matching, are added with config.loss.pilot_weight.
 """
 
 import jax
@@ -63,7 +60,7 @@ def _noise_size(num_targets, config_loss):
             + num_targets * points_lib.num_loss_noise(config_loss))
 
 
-def _layer_losses(noise, class_logits, mask_logits, targets, config, pilot=False):
+def _layer_losses(noise, class_logits, mask_logits, targets, config):
     """Matching + L_seg + classification loss of one prediction layer.
 
     Args:
@@ -72,8 +69,6 @@ def _layer_losses(noise, class_logits, mask_logits, targets, config, pilot=False
       targets: dict masks bool [B, T, D, H, W], classes int [B, T],
         valid bool [B, T], cumsum int32 [B, T, D*H*W], num_masks scalar.
       config: full config.
-      pilot: the predictions are the mask-piloted queries (Q = T), query t
-        made for target t: no matching.
 
     Returns:
       (mask_ce, dice, cls) scalars and the matching int32 [B, T].
@@ -82,14 +77,11 @@ def _layer_losses(noise, class_logits, mask_logits, targets, config, pilot=False
     num_classes = config.model.num_classes
     b, t = targets["classes"].shape
     num_match = 3 * int(cl.num_points)
-    if pilot:
-        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    else:
-        match_points = noise[:, :num_match].reshape(b, -1, 3)
-        idx = jax.vmap(matching_cost.match, in_axes=(0, 0, 0, 0, 0, 0, None))(
-            match_points, class_logits, mask_logits,
-            targets["classes"], targets["masks"], targets["valid"], cl)
-        idx = jax.lax.stop_gradient(idx)
+    match_points = noise[:, :num_match].reshape(b, -1, 3)
+    idx = jax.vmap(matching_cost.match, in_axes=(0, 0, 0, 0, 0, 0, None))(
+        match_points, class_logits, mask_logits,
+        targets["classes"], targets["masks"], targets["valid"], cl)
+    idx = jax.lax.stop_gradient(idx)
 
     matched = jnp.take_along_axis(mask_logits, idx[:, :, None, None, None],
                                   axis=1)  # [B, T, d, h, w]
@@ -166,28 +158,16 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     }
     # A single PRNG draw for everything: each threefry call site adds seconds
     # of XLA:CPU compile time.
-    piloted = "pilot_logits" in outputs
-    if piloted:
-        pilot_logits = _at_least_f32(outputs["pilot_logits"])
-        pilot_masks = _at_least_f32(outputs["pilot_masks"])
-        if not cl.deep_supervision:
-            pilot_logits, pilot_masks = pilot_logits[-1:], pilot_masks[-1:]
-    num_pilot = pilot_logits.shape[0] if piloted else 0
     noise = jax.random.uniform(
-        rng, (num_layers + num_pilot, valid.shape[0],
-              _noise_size(valid.shape[1], cl)))
+        rng, (num_layers, valid.shape[0], _noise_size(valid.shape[1], cl)))
     # Layers in parallel (vmap) in groups of config.loss.layers_in_parallel
     # (0: all at once, best on accelerators; 1: a sequential lax.map, which
     # XLA:CPU runs ~1.6x faster than the batched gathers/while loops of vmap).
-    def layers(noise, class_logits, mask_logits, pilot):
-        n = class_logits.shape[0]
-        return jax.lax.map(
-            lambda args: _layer_losses(*args, targets, config, pilot),
-            (noise, class_logits, mask_logits),
-            batch_size=min(int(cl.layers_in_parallel) or n, n))
-
-    ce, dc, cls, idx = layers(noise[:num_layers], class_logits, mask_logits,
-                              False)
+    group = int(cl.layers_in_parallel) or num_layers
+    ce, dc, cls, idx = jax.lax.map(
+        lambda args: _layer_losses(*args, targets, config),
+        (noise, class_logits, mask_logits),
+        batch_size=min(group, num_layers))
     seg = cl.ce_weight * ce + cl.dice_weight * dc  # [layers]
     per_layer = cl.seg_weight * seg + cl.cls_weight * cls
     total = jnp.sum(per_layer)
@@ -203,16 +183,6 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         "matched_lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes,
                                                      valid & (classes >= 1)),
     }
-    if piloted:  # MP-Former: the same losses, each pilot query against its own target
-        p_ce, p_dc, p_cls, p_idx = layers(noise[num_layers:], pilot_logits,
-                                          pilot_masks, True)
-        p_total = jnp.sum(cl.seg_weight * (cl.ce_weight * p_ce
-                                           + cl.dice_weight * p_dc)
-                          + cl.cls_weight * p_cls)
-        total = total + cl.pilot_weight * p_total
-        metrics["loss_pilot"] = p_total
-        metrics["pilot_lesion_accuracy"] = _matched_accuracy(
-            pilot_logits[-1], p_idx[-1], classes, valid & (classes >= 1))
 
     new_memory = memory
     if cl.contrastive != "none":

@@ -87,12 +87,8 @@ def make_train_step(model, tx, config):
         rng, loss_rng = jax.random.split(state.rng)
 
         def loss_fn(params):
-            pilot = None
-            if model.head == "mask2former" and model.mask_pilot:  # ground-truth instances
-                pilot = batch["masks"].astype(bool) & batch["valid"].astype(bool)[
-                    :, :, None, None, None]
             outputs = model.apply({"params": params}, batch["image"], batch["phase_mask"],
-                                  train=True, pilot_masks=pilot)
+                                  train=True)
             return objective.compute_loss(outputs, batch, state.memory, loss_rng, config)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
