@@ -141,13 +141,28 @@ def row_status(workdir):
     return "new"
 
 
+def _portable(argv):
+    """argv without the interpreter, with this script's and the config's paths made relative to
+    their checkout, so that the same row run from another clone counts as the same command."""
+    out = []
+    for arg in argv[1:]:
+        for tail in ("configs/lidia.py", "scripts/ablation.py"):
+            head, sep, rest = arg.partition(tail)
+            if sep and head[-1:] in ("/", "="):
+                flag = head[:head.index("=") + 1] if "=" in head else ""  # "--config=" or ""
+                arg = flag + tail + rest
+                break
+        out.append(arg)
+    return out
+
+
 def check_same_command(workdir, argv):
     """Refuses a workdir made by another command (stale results would be misattributed)."""
     path = pathlib.Path(workdir) / ROW_FILE
     if path.is_file():
         previous = json.loads(path.read_text())["command"]
-        # The interpreter path may differ between machines; the rest must not.
-        if previous[1:] != list(argv[1:]):
+        # The interpreter and the checkout may differ between machines; the rest must not.
+        if _portable(previous) != _portable(argv):
             raise SystemExit(
                 f"{path}: this workdir was made by\n  {shlex.join(previous)}\nnot by\n  "
                 f"{shlex.join(argv)}\nDelete {workdir} or use another --root.")

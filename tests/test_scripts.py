@@ -139,6 +139,13 @@ def test_ablation_resume_states(ablation, tmp_path):
     (work / ablation.ROW_FILE).write_text(json.dumps({"command": argv}))
     ablation.check_same_command(work, argv)  # same command: accepted
     ablation.check_same_command(work, ["/other/python"] + argv[1:])  # other interpreter too
+    clone = [a.replace(str(ablation.ROOT), "/another/clone") for a in argv]
+    assert clone != argv
+    ablation.check_same_command(work, clone)  # the same row from another checkout
+    delayed = ablation.row_command("delayed", args)
+    (work / ablation.ROW_FILE).write_text(json.dumps({"command": delayed}))
+    ablation.check_same_command(work, [a.replace(str(ablation.ROOT), "/x") for a in delayed])
+    (work / ablation.ROW_FILE).write_text(json.dumps({"command": argv}))
     other = ablation.row_command("t3_sam", ablation.parse_args(
         ["--root", str(tmp_path), "--base", "smoke", "--steps", "5"]))
     with pytest.raises(SystemExit, match="Delete"):
