@@ -24,6 +24,13 @@ Rows (paper section 4):
   delayed: LIDIA (t3_sam's best checkpoint) evaluated on the same test cases with the delayed
     phase removed from every case (D channel zeroed, phase_mask[3] False); the table gives the
     per-class AUC with D, without D and the difference.
+LiverMax changes inference only, so `t3_livermax` is not trained: it evaluates t3_focal's best
+checkpoint with the LiverMax patient score (as `delayed` evaluates t3_sam's), which isolates the
+score from training noise and saves a run. Evaluation-only rows wait for their source row.
+
+Row commands name this checkout's files relative to it (`configs/lidia.py`,
+`scripts/ablation.py`) and run with the checkout as working directory, so a row recorded by
+one clone is recognised by another.
 
 Metrics come from each row's WORKDIR/test_report/metrics.json (lidia_jax.evaluation: per-class
 patient AUC, AUC-8 = mean over the classes with a defined AUC, AUC-2 malignant vs benign, global
@@ -51,7 +58,8 @@ LESIONS = ("HCC", "ICC", "meta", "heman", "FNH", "cyst", "calc", "others")
 SCALARS = ("auc8", "auc2", "lesion_dice", "lesion_sensitivity", "lesion_precision")
 SCALAR_TITLES = ("Mean (AUC-8)", "AUC-2", "lesion Dice", "sensitivity", "precision")
 
-Row = collections.namedtuple("Row", "table label overrides")
+# source: the row whose trained model this row evaluates (None: the row trains its own).
+Row = collections.namedtuple("Row", "table label overrides source", defaults=(None,))
 
 # Per-voxel rows at lr 1e-2: at the demo's 2e-3 the U-Net's held-out lesion-voxel class accuracy
 # after 400 steps was 0.056, at 1e-2 0.226 (nnU-Net's SGD, 1e-2 / 0.99: 0.115); README.
@@ -71,7 +79,7 @@ ROWS = collections.OrderedDict([
                                               "sam=0"))),
     ("t3_livermax", Row(3, "+LiverMax", _T3 + ("fusion=early", "cls_loss=focal",
                                                "patient_score=livermax", "contrastive=none",
-                                               "sam=0"))),
+                                               "sam=0"), source="t3_focal")),
     ("t3_ifm", Row(3, "+IFM", _T3 + ("fusion=ifm", "cls_loss=focal", "patient_score=livermax",
                                      "contrastive=none", "sam=0"))),
     ("t3_acl", Row(3, "+ACL", _T3 + ("fusion=ifm", "cls_loss=focal", "patient_score=livermax",
@@ -83,6 +91,13 @@ ROWS = collections.OrderedDict([
 DELAYED = "delayed"  # LIDIA without the delayed phase at test time
 DELAYED_SOURCE = "t3_sam"
 ALL_ROWS = tuple(ROWS) + (DELAYED,)
+CONFIG_FILE = "configs/lidia.py"  # relative to ROOT, the rows' working directory
+SCRIPT_FILE = "scripts/ablation.py"
+
+
+def source_of(name):
+    """The row whose checkpoint row `name` evaluates, or None if `name` trains."""
+    return DELAYED_SOURCE if name == DELAYED else ROWS[name].source
 ROW_FILE = "ablation_row.json"  # the command a workdir was made with
 
 
@@ -110,22 +125,23 @@ def row_config(base, name, root, data_root=None, steps=None):
 
 
 def row_command(name, args):
-    """argv of row `name` (a training run, or the delayed-phase evaluation of t3_sam)."""
+    """argv of row `name`, run from ROOT: a training run, or an evaluation of its source row's
+    checkpoint (t3_livermax, delayed)."""
     root = pathlib.Path(args.root).resolve()
     dataset, cache_dir = data_paths(root, args.data_root)
-    if name == DELAYED:
-        argv = [args.python, str(pathlib.Path(__file__).resolve()), "--root", str(root),
-                "--base", args.base, "--evaluate-without-delayed"]
+    if source_of(name):
+        argv = [args.python, SCRIPT_FILE, "--root", str(root), "--base", args.base,
+                f"--evaluate-row={name}"]
         if args.data_root:
             argv += ["--data-root", str(dataset)]
     else:
         argv = [args.python, "-m", "lidia_jax.main",
-                f"--config={ROOT / 'configs' / 'lidia.py'}:{variant(args.base, name)}",
+                f"--config={CONFIG_FILE}:{variant(args.base, name)}",
                 f"--workdir={root / name}", f"--config.data.root={dataset}",
                 f"--config.data.cache_dir={cache_dir}"]
     if args.steps:
-        argv.append(f"--config.train.num_steps={args.steps}" if name != DELAYED
-                    else f"--steps={args.steps}")
+        argv.append(f"--steps={args.steps}" if source_of(name)
+                    else f"--config.train.num_steps={args.steps}")
     return argv
 
 
@@ -141,28 +157,13 @@ def row_status(workdir):
     return "new"
 
 
-def _portable(argv):
-    """argv without the interpreter, with this script's and the config's paths made relative to
-    their checkout, so that the same row run from another clone counts as the same command."""
-    out = []
-    for arg in argv[1:]:
-        for tail in ("configs/lidia.py", "scripts/ablation.py"):
-            head, sep, rest = arg.partition(tail)
-            if sep and head[-1:] in ("/", "="):
-                flag = head[:head.index("=") + 1] if "=" in head else ""  # "--config=" or ""
-                arg = flag + tail + rest
-                break
-        out.append(arg)
-    return out
-
-
 def check_same_command(workdir, argv):
     """Refuses a workdir made by another command (stale results would be misattributed)."""
     path = pathlib.Path(workdir) / ROW_FILE
     if path.is_file():
         previous = json.loads(path.read_text())["command"]
-        # The interpreter and the checkout may differ between machines; the rest must not.
-        if _portable(previous) != _portable(argv):
+        # The interpreter may differ between machines; the rest must not.
+        if previous[1:] != argv[1:]:
             raise SystemExit(
                 f"{path}: this workdir was made by\n  {shlex.join(previous)}\nnot by\n  "
                 f"{shlex.join(argv)}\nDelete {workdir} or use another --root.")
@@ -207,8 +208,9 @@ def run_row(name, args, log=print):
     if status == "done":
         log(f"ablation: {name}: reusing {workdir / 'test_metrics.json'}")
         return status
-    if name == DELAYED and row_status(workdir.parent / DELAYED_SOURCE) != "done":
-        log(f"ablation: {name}: needs {DELAYED_SOURCE} trained first; skipped")
+    source = source_of(name)
+    if source and row_status(workdir.parent / source) != "done":
+        log(f"ablation: {name}: needs {source} trained first; skipped")
         return "blocked"
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / ROW_FILE).write_text(json.dumps({"row": name, "command": argv}, indent=1))
@@ -260,8 +262,10 @@ class WithoutDelayed:
         return dict(data, image=image, meta=meta)
 
 
-def evaluate_without_delayed(args, log=print):
-    """The `delayed` row: t3_sam's best checkpoint on its test cases without the D phase."""
+def evaluate_row(name, args, log=print):
+    """An evaluation-only row: its source row's checkpoint (config.inference.checkpoint, "best"
+    as in the trainer's test report) on the source's test cases, with row `name`'s inference
+    settings (t3_livermax: the LiverMax score) or without the D phase (delayed)."""
     sys.path.insert(0, str(ROOT))
     from lidia_jax import model as model_lib
     from lidia_jax.data import preprocessing
@@ -269,24 +273,28 @@ def evaluate_without_delayed(args, log=print):
     from lidia_jax.train import checkpoint as ckpt
 
     root = pathlib.Path(args.root).resolve()
-    source, out = root / DELAYED_SOURCE, root / DELAYED
-    config = row_config(args.base, DELAYED, root, args.data_root, args.steps)
+    source, out = root / source_of(name), root / name
+    config = row_config(args.base, name, root, args.data_root, args.steps)
     plan_file = source / "plan.json"
     if not plan_file.is_file():
-        raise SystemExit(f"{plan_file} is missing: train the {DELAYED_SOURCE} row first.")
+        raise SystemExit(f"{plan_file} is missing: train the {source.name} row first.")
     plan = json.loads(plan_file.read_text())
     cache = preprocessing.Cache(pathlib.Path(config.data.cache_dir) / plan["fingerprint"])
     cases = cache.case_names("test") or cache.case_names("val")  # as the trainer's test report
     with_d = sum(bool(json.loads((cache.path / c / "meta.json").read_text())["phase_mask"][3])
                  for c in cases)
     params, step = ckpt.restore_params(source, config.inference.checkpoint)
-    log(f"ablation: evaluating {source} ({config.inference.checkpoint} checkpoint, step "
-        f"{step}) on {len(cases)} test cases without the delayed phase ({with_d} had it)")
+    log(f"ablation: {name}: evaluating {source} ({config.inference.checkpoint} checkpoint, step "
+        f"{step}) on {len(cases)} test cases"
+        + (f" without the delayed phase ({with_d} had it)" if name == DELAYED else "")
+        + f", patient score {config.inference.patient_score}")
     model = model_lib.build_model(config.model)
     summary = evaluate_lib.evaluate_cache(
-        model, params, WithoutDelayed(cache), cases, config, report_dir=out / "test_report",
-        log=log)
-    summary_extra = {"checkpoint_step": step, "cases_with_delayed": with_d}
+        model, params, WithoutDelayed(cache) if name == DELAYED else cache, cases, config,
+        report_dir=out / "test_report", log=log)
+    summary_extra = {"checkpoint_step": step, "source": source.name}
+    if name == DELAYED:
+        summary_extra["cases_with_delayed"] = with_d
     (out / "test_metrics.json").write_text(json.dumps(
         {**{k: v for k, v in summary.items() if isinstance(v, (int, float))}, **summary_extra},
         indent=2, default=float))
@@ -368,6 +376,10 @@ def markdown(results):
             lines.append(_metric_row(f"{row.label} (`{name}`)", m) if m else
                          f"| {row.label} (`{name}`) | {_status_text(rows[name]['status'])} |"
                          + " |" * (len(LESIONS) + len(SCALARS) - 1))
+        if table == 3:
+            lines.append(f"\n`t3_livermax` is not trained: it scores "
+                         f"`{ROWS['t3_livermax'].source}`'s checkpoint with LiverMax (an "
+                         "inference-only change).")
         lines.append("")
     lines += ["## Delayed phase: LIDIA (t3_sam) with vs without D at test time", ""]
     d = results.get("delayed")
@@ -457,8 +469,8 @@ def parse_args(argv=None):
     parser.add_argument("--tables-only", action="store_true",
                         help="only (re)write the tables from the rows already run")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the rows")
-    parser.add_argument("--evaluate-without-delayed", action="store_true",
-                        help=argparse.SUPPRESS)  # the `delayed` row's command
+    parser.add_argument("--evaluate-row", choices=[n for n in ALL_ROWS if source_of(n)],
+                        help=argparse.SUPPRESS)  # an evaluation-only row's command
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.steps is not None and args.steps < 1:
@@ -473,23 +485,26 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.evaluate_without_delayed:
-        evaluate_without_delayed(args)
+    if args.evaluate_row:
+        evaluate_row(args.evaluate_row, args)
         return 0
     names = [n for n in ALL_ROWS if n in args.rows]  # the table order
     if args.dry_run:
         for name in names:
             label = f"{DELAYED_SOURCE} without the delayed phase" if name == DELAYED else \
                 ROWS[name].label
+            if source_of(name):
+                label += f" (evaluates {source_of(name)}'s checkpoint)"
             print(f"# {name}: {label}")
             print(shlex.join(row_command(name, args)))
         return 0
     statuses = {}
     if not args.tables_only:
-        train_rows = [n for n in names if n != DELAYED]
-        needs = [n for n in train_rows if row_status(pathlib.Path(args.root) / n) != "done"]
-        if needs or DELAYED in names:
-            prepare_data(args, needs or [DELAYED_SOURCE])
+        # An evaluation-only row needs its source row's cache entry.
+        needs = sorted({source_of(n) or n for n in names
+                        if row_status(pathlib.Path(args.root) / n) != "done"})
+        if needs:
+            prepare_data(args, needs)
         for name in names:
             statuses[name] = run_row(name, args)
     write_tables(args, statuses)

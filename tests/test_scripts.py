@@ -117,7 +117,7 @@ def test_ablation_dry_run_commands(ablation, capsys, tmp_path):
     assert f"--config.data.root={tmp_path}/data/synthetic" in train
     assert f"--config.data.cache_dir={tmp_path}/data/preprocessed" in train
     assert train.endswith("--config.train.num_steps=3")
-    assert "--evaluate-without-delayed" in lines[1] and "--steps=3" in lines[1]
+    assert "--evaluate-row=delayed" in lines[1] and "--steps=3" in lines[1]
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
     with pytest.raises(SystemExit):
         ablation.parse_args(["--base", "nonsense"])
@@ -139,17 +139,49 @@ def test_ablation_resume_states(ablation, tmp_path):
     (work / ablation.ROW_FILE).write_text(json.dumps({"command": argv}))
     ablation.check_same_command(work, argv)  # same command: accepted
     ablation.check_same_command(work, ["/other/python"] + argv[1:])  # other interpreter too
-    clone = [a.replace(str(ablation.ROOT), "/another/clone") for a in argv]
-    assert clone != argv
-    ablation.check_same_command(work, clone)  # the same row from another checkout
-    delayed = ablation.row_command("delayed", args)
-    (work / ablation.ROW_FILE).write_text(json.dumps({"command": delayed}))
-    ablation.check_same_command(work, [a.replace(str(ablation.ROOT), "/x") for a in delayed])
-    (work / ablation.ROW_FILE).write_text(json.dumps({"command": argv}))
+    # Commands name the checkout's files relative to it (the rows run from ROOT), so the same
+    # row recorded by another clone is the same command.
+    for name in ablation.ALL_ROWS:
+        assert not any(str(ablation.ROOT) in a for a in ablation.row_command(name, args)), name
     other = ablation.row_command("t3_sam", ablation.parse_args(
         ["--root", str(tmp_path), "--base", "smoke", "--steps", "5"]))
     with pytest.raises(SystemExit, match="Delete"):
         ablation.check_same_command(work, other)
+
+
+def test_ablation_evaluation_only_rows(ablation, tmp_path):
+    """t3_livermax is t3_focal's model with another patient score: evaluated, not trained."""
+    focal = ablation.row_config("demo", "t3_focal", "/r").to_dict()
+    livermax = ablation.row_config("demo", "t3_livermax", "/r").to_dict()
+    assert focal["inference"]["patient_score"] == "volume"
+    assert livermax["inference"]["patient_score"] == "livermax"
+    focal.pop("inference"), livermax.pop("inference")
+    assert focal == livermax  # everything that shapes training is the same
+    assert [n for n in ablation.ALL_ROWS if ablation.source_of(n)] == ["t3_livermax", "delayed"]
+    args = ablation.parse_args(["--root", str(tmp_path), "--base", "smoke"])
+    assert "--evaluate-row=t3_livermax" in ablation.row_command("t3_livermax", args)
+    assert ablation.run_row("t3_livermax", args, log=lambda *a: None) == "blocked"
+    assert not (tmp_path / "t3_livermax").exists()
+
+
+@pytest.mark.slow
+def test_ablation_smoke_rows_end_to_end(ablation, tmp_path):
+    """A trained row and the row that re-scores its checkpoint, through the real commands."""
+    assert ablation.main(["--root", str(tmp_path), "--base", "smoke", "--steps", "2",
+                          "--rows", "t3_focal", "t3_livermax"]) == 0
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    focal, livermax = (data["rows"][n]["metrics"] for n in ("t3_focal", "t3_livermax"))
+    assert data["rows"]["t3_livermax"]["status"] == "done"
+    # Same checkpoint, same segmentation: the lesion figures agree, only the score differs.
+    for key in ("lesion_dice", "lesion_sensitivity", "lesion_precision"):
+        assert livermax[key] == pytest.approx(focal[key]), key
+    extra = json.loads((tmp_path / "t3_livermax" / "test_metrics.json").read_text())
+    assert extra["source"] == "t3_focal" and extra["checkpoint_step"] == 2
+    report = json.loads((tmp_path / "t3_livermax" / "test_report" / "metrics.json").read_text())
+    assert report["num_cases"] == focal["num_cases"]
+    for name, score in (("t3_focal", "volume"), ("t3_livermax", "livermax")):
+        assert f"Patient score: {score};" in (tmp_path / name / "test_report" / "report.md"
+                                               ).read_text(), name
 
 
 def test_ablation_tables_from_metrics(ablation, tmp_path):

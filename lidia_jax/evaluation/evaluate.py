@@ -74,7 +74,10 @@ def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
     if report_dir is not None:
         report_lib.write_report(summary, report_dir, overlays,
                                 notes=["Scored on the preprocessed grid (cache), not the "
-                                       "original geometry."])
+                                       "original geometry.",
+                                       f"Patient score: {config.inference.patient_score}; "
+                                       "lesion IoU threshold "
+                                       f"{config.eval.lesion_iou_threshold}."])
     return summary
 
 
