@@ -91,6 +91,7 @@ ROWS = collections.OrderedDict([
 DELAYED = "delayed"  # LIDIA without the delayed phase at test time
 DELAYED_SOURCE = "t3_sam"
 ALL_ROWS = tuple(ROWS) + (DELAYED,)
+ROW_FILE = "ablation_row.json"  # the command a workdir was made with
 CONFIG_FILE = "configs/lidia.py"  # relative to ROOT, the rows' working directory
 SCRIPT_FILE = "scripts/ablation.py"
 
@@ -98,7 +99,6 @@ SCRIPT_FILE = "scripts/ablation.py"
 def source_of(name):
     """The row whose checkpoint row `name` evaluates, or None if `name` trains."""
     return DELAYED_SOURCE if name == DELAYED else ROWS[name].source
-ROW_FILE = "ablation_row.json"  # the command a workdir was made with
 
 
 def variant(base, name):
