@@ -122,6 +122,8 @@ def test_best_checkpoint_survives_a_new_process(tmp_path):
     assert step == 2
     np.testing.assert_array_equal(np.asarray(params["w"]), [2.0, 2.0, 2.0])
     assert ckpt.restore_params(tmp_path, "latest")[1] == 5
+    with pytest.raises(ValueError, match="config.inference.checkpoint"):
+        ckpt.restore_params(tmp_path, "final")
 
 
 def test_nonfinite_batch_is_skipped_and_counted():
@@ -202,6 +204,7 @@ def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
 
     second = _main(resumed, smoke_dataset, cache, steps)
     assert "Resumed from the checkpoint at step" in second.stdout, second.stdout
+    assert "Testing the latest checkpoint (step 6)" in second.stdout, second.stdout
     # Written: checkpoints, TensorBoard events, the resolved config, the test report.
     assert json.loads((resumed / "config.json").read_text())["model"]["fusion"] == "ifm"
     assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))

@@ -87,12 +87,21 @@ def restore_latest(manager, abstract_state, data_iter=None):
     return restored["state"], step
 
 
+WHICH = ("best", "latest")  # config.inference.checkpoint
+
+
+def check_which(which):
+    if which not in WHICH:
+        raise ValueError(f"config.inference.checkpoint={which!r}: expected one of {WHICH}")
+
+
 def restore_params(workdir, which="best"):
     """Parameters of a trained workdir's best (else latest) checkpoint, as host numpy arrays.
 
     For inference: restores only the `params` subtree, replicated on the default device, whatever
     mesh wrote it.
     """
+    check_which(which)
     manager = make_manager(workdir, keep=1_000_000, asynchronous=False)
     steps = manager.all_steps()
     if not steps:

@@ -162,6 +162,7 @@ def train_and_evaluate(config, workdir, log=print):
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *_: None)
+    ckpt.check_which(config.inference.checkpoint)  # before hours of training, not after
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -283,13 +284,14 @@ def train_and_evaluate(config, workdir, log=print):
         manager.close()
         return {}
 
-    # --- Final evaluation on the test split with the best checkpoint's parameters.
+    # --- Final evaluation on the test split with the checkpoint inference uses
+    # (config.inference.checkpoint): the final parameters, or the best validation checkpoint's.
     test_cases = cache.case_names("test") or cache.case_names("val")
-    params = jax.device_get(state.params)
-    if manager.best_step() is not None and manager.best_step() != step:
-        best, _ = ckpt.restore_params(workdir, "best")
-        params = best
+    params, test_step = jax.device_get(state.params), step
+    if config.inference.checkpoint == "best" and manager.best_step() not in (None, step):
+        params, test_step = ckpt.restore_params(workdir, "best")
     manager.close()
+    log(f"Testing the {config.inference.checkpoint} checkpoint (step {test_step})")
     test_metrics = {}
     if test_cases:
         out_dir = workdir / "test_report"
