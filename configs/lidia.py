@@ -191,7 +191,7 @@ def _paper():
   c.inference.max_liver_distance_mm = 3.0
   # best (validation AUC-8) | latest. nnU-Net and Mask2Former test their final weights; on the
   # demo's 11 validation cases "best" was noise, and the last checkpoint beat it on the test
-  # split's AUC-8 and Dice in all three runs where they differed (README, "What it gives today").
+  # split's AUC-8 and Dice in all four runs where they differed (README, "What it gives today").
   c.inference.checkpoint = "latest"
   # patient_score=volume: P(class) = 1 - exp(-predicted volume / volume_scale_ml) (inference)
   c.inference.volume_scale_ml = 1.0
