@@ -21,10 +21,10 @@ Rows (paper section 4):
   Table 3, Mask2Former head, one change per row:
     t3_baseline (early fusion, CE, volume score, no contrastive loss, no SAM), t3_focal
     (+focal loss), t3_livermax (+LiverMax), t3_ifm (+IFM), t3_acl (+ACL), t3_sam (+SAM = LIDIA).
-  delayed: LIDIA (t3_sam's best checkpoint) evaluated on the same test cases with the delayed
+  delayed: LIDIA (t3_sam's checkpoint) evaluated on the same test cases with the delayed
     phase removed from every case (D channel zeroed, phase_mask[3] False); the table gives the
     per-class AUC with D, without D and the difference.
-LiverMax changes inference only, so `t3_livermax` is not trained: it evaluates t3_focal's best
+LiverMax changes inference only, so `t3_livermax` is not trained: it evaluates t3_focal's
 checkpoint with the LiverMax patient score (as `delayed` evaluates t3_sam's), which isolates the
 score from training noise and saves a run. Evaluation-only rows wait for their source row.
 
@@ -263,8 +263,8 @@ class WithoutDelayed:
 
 
 def evaluate_row(name, args, log=print):
-    """An evaluation-only row: its source row's checkpoint (config.inference.checkpoint, "best"
-    as in the trainer's test report) on the source's test cases, with row `name`'s inference
+    """An evaluation-only row: its source row's checkpoint (config.inference.checkpoint, as in
+    the trainer's test report) on the source's test cases, with row `name`'s inference
     settings (t3_livermax: the LiverMax score) or without the D phase (delayed)."""
     sys.path.insert(0, str(ROOT))
     from lidia_jax import model as model_lib

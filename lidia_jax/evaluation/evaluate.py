@@ -74,11 +74,14 @@ def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
     if report_dir is not None:
         report_lib.write_report(summary, report_dir, overlays,
                                 notes=["Scored on the preprocessed grid (cache), not the "
-                                       "original geometry.",
-                                       f"Patient score: {config.inference.patient_score}; "
-                                       "lesion IoU threshold "
-                                       f"{config.eval.lesion_iou_threshold}."])
+                                       "original geometry.", _scoring_note(config)])
     return summary
+
+
+def _scoring_note(config) -> str:
+    """The report line that says how patients and lesions were scored."""
+    return (f"Patient score: {config.inference.patient_score}; lesion IoU threshold "
+            f"{config.eval.lesion_iou_threshold}.")
 
 
 def labelled_cases(dataset: contract.Dataset):
@@ -154,8 +157,7 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
     summary = _summarize(records, config)
     summary["failed_cases"] = failed
     notes = [f"Dataset {dataset.root}, images{split}; scored in the original venous geometry.",
-             f"Patient score: {config.inference.patient_score}; lesion IoU threshold "
-             f"{config.eval.lesion_iou_threshold}."]
+             _scoring_note(config)]
     if failed:
         notes.append("Failed cases: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     report_lib.write_report(summary, output_dir, overlays, notes=notes)
