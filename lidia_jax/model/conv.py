@@ -18,11 +18,11 @@ the backend at hand can be chosen by `config.model.conv_impl` without touching t
 All implementations declare the same parameters, `kernel` [*k, C_in, C_out] and `bias` [C_out]
 (flax nn.Conv's names and layout), so checkpoints are interchangeable between them.
 
-Measured with scripts/benchmark_unet.py (jaxlib 0.10.2 vs torch 2.13.0+cpu, 2 shared cores,
-interleaved medians; JAX time / PyTorch time): U-Net training step (stages 16-128, patch
-32x64x64, batch 2) xla 2.0-2.9 -> matmul 1.0-1.5 of PlainConvUNet (fastest runs: 4.8 -> 2.3,
-PyTorch's runs are bimodal on the shared machine); issue 7's two blocks on [2, 64, 64, 64, 4]
-xla 1.55 -> matmul 1.06 (the ratios shrink as the machine's load grows).
+Measured with scripts/benchmark_unet.py (jaxlib 0.10.2 vs torch 2.13.0+cpu, 2 cores, JAX time /
+PyTorch time, medians of 5; scripts/results/unet_cpu_idle.md): on an idle machine, the U-Net
+training step (stages 16-128, patch 32x64x64, batch 2) is xla 6.7 -> matmul 3.4 of
+PlainConvUNet, and issue 7's two blocks on [2, 64, 64, 64, 4] xla 2.1 -> matmul 1.47. Beside
+other jobs the ratios shrink (U-Net 1.0-1.5, two blocks 1.06), because PyTorch slows more.
 Formulations that lost on this CPU: the sum of 27 per-tap dots (3-10x slower, 40 s compiles),
 im2col over the x or (y, x) taps only with 9 or 3 dots, shifting the dot's outputs instead of
 its inputs (a dot to [.., k, C_out] and slice-adds: slower, and the backward needs far more
