@@ -16,7 +16,7 @@ from jax import lax
 from lidia_jax.model import conv as conv_lib
 from lidia_jax.model.conv import Conv
 
-IMPLS = ("xla", "matmul")
+IMPLS = ("xla", "planes", "matmul")
 # (input spatial shape, kernel, strides): odd and even sizes, anisotropic kernels and strides.
 CASES = [
     ((5, 7, 6), (3, 3, 3), (1, 1, 1)),
@@ -157,17 +157,29 @@ def test_bfloat16(impl):
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(grads))
 
 
-def test_auto_picks_matmul_on_cpu_and_xla_above_memory_cap(monkeypatch):
+def test_auto_picks_planes_on_cpu_for_3d_and_xla_otherwise():
     assert jax.default_backend() == "cpu"
-    x = jnp.ones((1, 4, 4, 4, 2))
-    w = jnp.ones((3, 3, 3, 2, 2))
-    ops = lambda: str(jax.make_jaxpr(lambda x, w: conv_lib.conv(x, w, impl="auto"))(x, w))
-    assert "conv_general_dilated" not in ops() and "dot_general" in ops()
-    # im2col of this call: 4*4*4 voxels * 27 taps * 2 channels * 4 bytes = 13824 bytes.
-    assert conv_lib.im2col_bytes(x.shape, (3, 3, 3), (1, 1, 1), 4) == 13824
-    monkeypatch.setattr(conv_lib, "AUTO_MAX_IM2COL_BYTES", 13823)
-    assert "conv_general_dilated" in ops()
+    assert conv_lib.resolve_impl("auto") == "planes"
+    assert conv_lib.resolve_impl("auto", ndim=2) == "xla"
     assert conv_lib.resolve_impl("matmul") == "matmul"
+    x, w = jnp.ones((1, 4, 4, 4, 6)), jnp.ones((3, 3, 3, 6, 2))
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv_lib.conv(x, w, impl="auto"))(x, w))
+    # k_z * C_in = 18 > PLANES_CONCAT_MAX_CHANNELS: one 2-D convolution per depth tap.
+    assert jaxpr.count("conv_general_dilated") == 3 and "dot_general" not in jaxpr
+
+
+@pytest.mark.parametrize("c_in", [2, 6])
+def test_planes_both_branches_match_numpy(c_in):
+    """k_z * C_in <= 16 concatenates the depth taps (one 2-D conv); above, one conv per tap."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 5, 6, 7, c_in)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 3, c_in, 4)).astype(np.float32)
+    for strides in [(1, 1, 1), (2, 2, 2), (2, 1, 2)]:
+        y = conv_lib.conv_planes(jnp.asarray(x), jnp.asarray(w), strides)
+        np.testing.assert_allclose(np.asarray(y), np_conv(x, w, strides), rtol=1e-4, atol=1e-4)
+    n_convs = str(jax.make_jaxpr(lambda x: conv_lib.conv_planes(x, jnp.asarray(w), (1, 1, 1)))(
+        jnp.asarray(x))).count("conv_general_dilated")
+    assert n_convs == (1 if 3 * c_in <= conv_lib.PLANES_CONCAT_MAX_CHANNELS else 3)
 
 
 def test_errors_name_what_is_wrong():

@@ -372,17 +372,19 @@ def test_logical_partitioning_boxes_unbox_and_map_to_mesh():
                 jax.tree_util.tree_structure(shardings))
 
 
-@pytest.mark.parametrize("impl", ["xla", "matmul"])
+@pytest.mark.parametrize("impl", ["xla", "planes", "matmul"])
 def test_forward_flops_of_a_convolution_matches_analytic_count(impl):
     n, c_in, c_out, k = (4, 8, 8), 3, 5, 3
     conv = ConvNormAct(c_out, (k, k, k), impl=impl)
     x = jax.ShapeDtypeStruct((1, *n, c_in), jnp.float32)
     variables = nn.meta.unbox(jax.eval_shape(conv.init, jax.random.PRNGKey(0), x))
     flops = forward_flops(lambda v, x: conv.apply(v, x), variables, x)
+    inside = lambda size: sum(1 for o in range(size) for t in range(k)
+                              if 0 <= o + t - k // 2 < size)
     if impl == "xla":  # XLA's convolution counts only taps inside the volume (padding is free)
-        inside = lambda size: sum(1 for o in range(size) for t in range(k)
-                                  if 0 <= o + t - k // 2 < size)
         macs = inside(n[0]) * inside(n[1]) * inside(n[2]) * c_out * c_in
+    elif impl == "planes":  # 2-D convolutions over depth-padded planes: padding free in-plane
+        macs = n[0] * k * inside(n[1]) * inside(n[2]) * c_out * c_in
     else:  # im2col: one [N, k^3 C_in] @ [k^3 C_in, C_out] product, padding taps included
         macs = np.prod(n) * k ** 3 * c_in * c_out
     # 2 FLOPs per multiply-add, plus bias / norm / activation: a few per output voxel.

@@ -4,36 +4,38 @@ Every convolution of the network goes through `Conv`, so that the formulation th
 the backend at hand can be chosen by `config.model.conv_impl` without touching the architecture:
 
   "xla"     lax.conv_general_dilated: XLA's native convolution. Fastest on GPU and TPU.
+  "planes"  a 3-D convolution as a sum over the depth taps of native 2-D convolutions:
+              y[:, z] = sum_{t_z} conv2d(x_pad[:, z * s_z + t_z], W[t_z]),
+            with depth folded into the batch, [B * D_out, H, W, C] (when k_z * C_in is small, as
+            in the first layer, the depth taps are concatenated on the channel axis instead and
+            ONE 2-D convolution with k_z * C_in input channels is done). XLA:CPU's 2-D
+            convolutions and their gradients run on Eigen's cache-blocked spatial kernels; its
+            3-D ones, and any im2col that materialises the taps, run far slower on x86 CPUs.
   "matmul"  im2col: the prod(kernel) shifted (strided) views of the padded input are concatenated
             on the channel axis, and the convolution is ONE matrix product
               y[n, o] = sum_{t, c} x_pad[n + t, c] * W[t, c, o],   n = output voxel, t = tap,
-            [N, T*C_in] @ [T*C_in, C_out]. XLA:CPU's native 3-D convolution (and above all its
-            two backward convolutions) runs far below the matmul rate on x86 CPUs; the single
-            big dot runs at Eigen's GEMM rate, and its transpose (the backward pass) is again
-            two dots plus slice-adds. Costs T times the input in memory (the im2col buffer,
-            kept for the backward pass).
-  "auto"    "matmul" on the CPU backend, unless one im2col buffer would exceed
-            `AUTO_MAX_IM2COL_BYTES` (then "xla", to bound memory); "xla" on GPU/TPU.
+            [N, T*C_in] @ [T*C_in, C_out]. Costs T times the input in memory (the im2col buffer,
+            kept for the backward pass); building it (XLA's concatenate of 27 strided views, and
+            the page faults of a fresh buffer) takes most of its time.
+  "auto"    "planes" for 3-D convolutions on the CPU backend, "xla" otherwise.
 
 All implementations declare the same parameters, `kernel` [*k, C_in, C_out] and `bias` [C_out]
 (flax nn.Conv's names and layout), so checkpoints are interchangeable between them.
 
-Measured with scripts/benchmark_unet.py (jaxlib 0.10.2 vs torch 2.13.0+cpu, 2 cores, JAX time /
-PyTorch time, medians of 5; scripts/results/unet_cpu_idle.md): on an idle machine, the U-Net
-training step (stages 16-128, patch 32x64x64, batch 2) is xla 6.7 -> matmul 3.4 of
-PlainConvUNet, and issue 7's two blocks on [2, 64, 64, 64, 4] xla 2.1 -> matmul 1.47. Beside
-other jobs the ratios shrink (U-Net 1.0-1.5, two blocks 1.06), because PyTorch slows more.
-Formulations that lost on this CPU: the sum of 27 per-tap dots (3-10x slower, 40 s compiles),
-im2col over the x or (y, x) taps only with 9 or 3 dots, shifting the dot's outputs instead of
-its inputs (a dot to [.., k, C_out] and slice-adds: slower, and the backward needs far more
-memory), im2col in channel-first layout ([T*C_in, N], contiguous per-tap copies, plus two
-transposes), bfloat16 products (Eigen's bf16 GEMM runs at half the fp32 rate here), and
-XLA:CPU flags on the native convolution (xla_cpu_use_onednn, xla_cpu_use_xnnpack,
-xla_cpu_experimental_{xnn,ynn}_fusion_type=individual_convolution: no gain).
+Measured on a 2-core x86 CPU (jaxlib 0.10.2; every conv of the demo U-Net, stages 16-128 on
+[2, 32, 64, 64, C], forward + backward, 2026-11-27): the eleven layer shapes take 3.0 s with
+"matmul", 4.9 s with "xla" and 1.2 s with "planes" (scripts/results/unet_cpu_idle.md has the
+whole training step against PlainConvUNet). Formulations that lost on this CPU: the sum of 27
+per-tap dots (3-10x slower, 40 s compiles), im2col over the x or (y, x) taps only with 9 or 3
+dots, shifting the dot's outputs instead of its inputs (in tap-minor and in channel-first
+tap-major layouts, also in cache-sized chunks under a fori_loop: the [T*C_out, N] product with
+K = C_in is memory-bound), im2col by gather, im2col in depth slabs under a fori_loop, the
+kernel gradient as one [T*C_in, N] @ [N, C_out] product, bfloat16 products (Eigen's bf16 GEMM
+runs at half the fp32 rate here), and XLA:CPU flags on the native convolution
+(xla_cpu_use_onednn, xla_cpu_use_xnnpack, xla_cpu_experimental_{xnn,ynn}_fusion_type: no gain).
 """
 
 import itertools
-import math
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -41,11 +43,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "xla", "matmul")
+IMPLS = ("auto", "xla", "planes", "matmul")
 
-# "auto" falls back to the native convolution above this im2col size (bytes, one call), so
-# that e.g. CPU inference with the paper's 48x192x192 patches does not allocate ~12 GB buffers.
-AUTO_MAX_IM2COL_BYTES = 2 << 30
+# "planes" concatenates the depth taps on the channel axis (one 2-D convolution) when
+# k_z * C_in is at most this: the first layer's 4 -> 16 conv is 2x faster so, wider ones slower.
+PLANES_CONCAT_MAX_CHANNELS = 16
 
 
 def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, Tuple[int, int]]:
@@ -58,27 +60,14 @@ def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, Tuple[int, i
     return out, (total // 2, total - total // 2)
 
 
-def im2col_bytes(x_shape: Sequence[int], kernel_size: Sequence[int],
-                 strides: Sequence[int], itemsize: int) -> int:
-    """Size in bytes of the im2col buffer that the "matmul" implementation builds."""
-    outs = [same_padding(n, k, s)[0] for n, k, s in zip(x_shape[1:-1], kernel_size, strides)]
-    return x_shape[0] * math.prod(outs) * math.prod(kernel_size) * x_shape[-1] * itemsize
-
-
-def resolve_impl(impl: str, x_shape: Optional[Sequence[int]] = None,
-                 kernel_size: Optional[Sequence[int]] = None,
-                 strides: Optional[Sequence[int]] = None, itemsize: int = 4) -> str:
-    """Maps "auto" to the implementation used on `jax.default_backend()`; checks the name."""
+def resolve_impl(impl: str, ndim: int = 3) -> str:
+    """Maps "auto" to the implementation used on `jax.default_backend()` for `ndim` spatial axes;
+    checks the name."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl {impl!r} (config.model.conv_impl): expected one of {IMPLS}")
     if impl != "auto":
         return impl
-    if jax.default_backend() != "cpu":
-        return "xla"
-    if x_shape is not None and im2col_bytes(x_shape, kernel_size, strides,
-                                            itemsize) > AUTO_MAX_IM2COL_BYTES:
-        return "xla"
-    return "matmul"
+    return "planes" if jax.default_backend() == "cpu" and ndim == 3 else "xla"
 
 
 def conv_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
@@ -116,6 +105,36 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     return lax.dot_general(col, w, (((nd + 1,), (0,)), ((), ())), precision=precision)
 
 
+def conv_planes(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                precision=None) -> jax.Array:
+    """Sum over depth taps of native 2-D convolutions, equal to `conv_xla` (module docstring).
+
+    x [B, D, H, W, C_in], kernel [k_z, k_y, k_x, C_in, C_out] -> [B, *ceil(S/s), C_out].
+    Inputs with fewer than 3 spatial axes go to `conv_xla` (for them it is the same thing).
+    """
+    if x.ndim != 5:
+        return conv_xla(x, kernel, strides, precision)
+    kz, c_in, c_out = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
+    sz, s2 = strides[0], tuple(strides[1:])
+    out_z, pad_z = same_padding(x.shape[1], kz, sz)
+    pads2 = [same_padding(n, k, s)[1] for n, k, s in zip(x.shape[2:4], kernel.shape[1:3], s2)]
+    if pad_z != (0, 0):
+        x = jnp.pad(x, ((0, 0), pad_z, (0, 0), (0, 0), (0, 0)))
+    # Input planes seen by depth tap t: z_in = z_out * s_z + t, z_out < out_z.
+    planes = [lax.slice_in_dim(x, t, t + (out_z - 1) * sz + 1, sz, axis=1) for t in range(kz)]
+
+    def conv2d(xs, w):  # xs [B, out_z, H, W, C'], w [k_y, k_x, C', C_out]
+        y = lax.conv_general_dilated(xs.reshape((-1,) + xs.shape[2:]), w, s2, pads2,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=precision)
+        return y.reshape((x.shape[0], out_z) + y.shape[1:])
+
+    if kz * c_in <= PLANES_CONCAT_MAX_CHANNELS:
+        w = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (kz * c_in, c_out))
+        return conv2d(jnp.concatenate(planes, axis=-1) if kz > 1 else planes[0], w)
+    return sum(conv2d(xs, kernel[t]) for t, xs in enumerate(planes))
+
+
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
          impl: str = "auto", precision=None) -> jax.Array:
     """'SAME' convolution by the implementation `impl` (see module docstring).
@@ -128,17 +147,16 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
         raise ValueError(f"conv: input {x.shape}, kernel {kernel.shape}, strides {strides} do not "
                          "match (expected x [B, *S, C_in], kernel [*k, C_in, C_out], "
                          "one stride per spatial axis)")
-    impl = resolve_impl(impl, x.shape, ksize, strides, x.dtype.itemsize)
-    if impl == "xla":
-        return conv_xla(x, kernel, strides, precision)
-    return conv_matmul(x, kernel, strides, precision)
+    fn = {"xla": conv_xla, "planes": conv_planes,
+          "matmul": conv_matmul}[resolve_impl(impl, len(ksize))]
+    return fn(x, kernel, strides, precision)
 
 
 class Conv(nn.Module):
     """N-D convolution, NDHWC, 'SAME' padding. Parameters: kernel [*k, C_in, C_out], bias [C_out].
 
     x [B, D, H, W, C_in] -> [B, ceil(D/s_z), ceil(H/s_y), ceil(W/s_x), features] in `dtype`.
-    impl: "auto" | "xla" | "matmul" (module docstring). Parameters are stored in `param_dtype`
+    impl: "auto" | "xla" | "planes" | "matmul" (module docstring). Parameters are stored in `param_dtype`
     and cast to `dtype` for the product, as flax nn.Conv does.
     """
 
