@@ -2,7 +2,7 @@ r"""lidia_jax's U-Net vs nnU-Net's own PyTorch network (PlainConvUNet), same mac
 
   python scripts/benchmark_unet.py                     # U-Net training step, demo-like setting
   python scripts/benchmark_unet.py --micro             # issue 7's two conv blocks, fwd + bwd
-  python scripts/benchmark_unet.py --micro --unet --impls xla matmul --repeats 5 \
+  python scripts/benchmark_unet.py --micro --unet --impls xla planes matmul --repeats 5 \
       --out bench/unet                                 # both; writes bench/unet.{json,md}
   XLA_FLAGS=... python scripts/benchmark_unet.py       # XLA flags apply to the JAX side
   python scripts/benchmark_unet.py --config paper --impls xla   # the paper's plan and patch

@@ -162,15 +162,19 @@ def test_auto_picks_planes_on_cpu_for_3d_and_xla_otherwise():
     assert conv_lib.resolve_impl("auto") == "planes"
     assert conv_lib.resolve_impl("auto", ndim=2) == "xla"
     assert conv_lib.resolve_impl("matmul") == "matmul"
-    x, w = jnp.ones((1, 4, 4, 4, 6)), jnp.ones((3, 3, 3, 6, 2))
-    jaxpr = str(jax.make_jaxpr(lambda x, w: conv_lib.conv(x, w, impl="auto"))(x, w))
-    # k_z * C_in = 18 > PLANES_CONCAT_MAX_CHANNELS: one 2-D convolution per depth tap.
-    assert jaxpr.count("conv_general_dilated") == 3 and "dot_general" not in jaxpr
+    count = lambda x, w: str(jax.make_jaxpr(lambda x, w: conv_lib.conv(x, w, impl="auto"))(
+        x, w)).count("conv_general_dilated")
+    w = jnp.ones((3, 3, 3, 6, 2))
+    # k_z * C_in = 18 > PLANES_CONCAT_MAX_CHANNELS and 33x32 planes > PLANES_CONCAT_MAX_PLANE:
+    # one 2-D convolution per depth tap; on 32x32 planes, one over the concatenated taps.
+    assert count(jnp.ones((1, 4, 33, 32, 6)), w) == 3
+    assert count(jnp.ones((1, 4, 32, 32, 6)), w) == 1
 
 
 @pytest.mark.parametrize("c_in", [2, 6])
-def test_planes_both_branches_match_numpy(c_in):
+def test_planes_both_branches_match_numpy(monkeypatch, c_in):
     """k_z * C_in <= 16 concatenates the depth taps (one 2-D conv); above, one conv per tap."""
+    monkeypatch.setattr(conv_lib, "PLANES_CONCAT_MAX_PLANE", 0)  # these planes are small
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 5, 6, 7, c_in)).astype(np.float32)
     w = rng.standard_normal((3, 3, 3, c_in, 4)).astype(np.float32)
@@ -180,6 +184,32 @@ def test_planes_both_branches_match_numpy(c_in):
     n_convs = str(jax.make_jaxpr(lambda x: conv_lib.conv_planes(x, jnp.asarray(w), (1, 1, 1)))(
         jnp.asarray(x))).count("conv_general_dilated")
     assert n_convs == (1 if 3 * c_in <= conv_lib.PLANES_CONCAT_MAX_CHANNELS else 3)
+
+
+def test_kgrad_chunks():
+    assert conv_lib.kgrad_chunks(64, 64 * 64) == [(i, i + 8) for i in range(0, 64, 8)]
+    assert conv_lib.kgrad_chunks(96, 192 * 192) == [(i, i + 6) for i in range(0, 96, 6)]  # cap
+    assert conv_lib.kgrad_chunks(16, 16 * 16) == [(0, 16)]
+    assert conv_lib.kgrad_chunks(7, 32768 // 3) == [(0, 3), (3, 6), (6, 7)]
+
+
+@pytest.mark.parametrize("chunk_voxels, max_chunks", [(1, 16), (1, 4), (60, 16)])
+def test_planes_kernel_gradient_summed_over_batch_chunks(monkeypatch, chunk_voxels, max_chunks):
+    """The chunked kernel gradient equals XLA's, whatever the chunking (uneven last chunk too)."""
+    monkeypatch.setattr(conv_lib, "KGRAD_CHUNK_VOXELS", chunk_voxels)
+    monkeypatch.setattr(conv_lib, "KGRAD_MAX_CHUNKS", max_chunks)
+    assert len(conv_lib.kgrad_chunks(6, 30)) == {(1, 16): 6, (1, 4): 3, (60, 16): 3}[
+        (chunk_voxels, max_chunks)]
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((2, 3, 5, 6, 7)), jnp.float32)    # 6 planes of 5x6
+    g = jnp.asarray(rng.standard_normal((2, 3, 5, 6, 4)), jnp.float32)
+    monkeypatch.setattr(conv_lib, "PLANES_CONCAT_MAX_PLANE", 0)
+    for kz in (1, 3):  # one 2-D conv on 7 channels; three per-tap 2-D convs (3 * 7 > 16)
+        w = jnp.asarray(rng.standard_normal((kz, 3, 3, 7, 4)), jnp.float32)
+        grads = {impl: jax.grad(lambda x, w: jnp.sum(conv_lib.conv(x, w, impl=impl) * g),
+                                argnums=(0, 1))(x, w) for impl in ("xla", "planes")}
+        for a, b in zip(grads["planes"], grads["xla"]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_errors_name_what_is_wrong():

@@ -7,8 +7,9 @@ the backend at hand can be chosen by `config.model.conv_impl` without touching t
   "planes"  a 3-D convolution as a sum over the depth taps of native 2-D convolutions:
               y[:, z] = sum_{t_z} conv2d(x_pad[:, z * s_z + t_z], W[t_z]),
             with depth folded into the batch, [B * D_out, H, W, C] (when k_z * C_in is small, as
-            in the first layer, the depth taps are concatenated on the channel axis instead and
-            ONE 2-D convolution with k_z * C_in input channels is done). XLA:CPU's 2-D
+            in the first layer, or the planes are small, the depth taps are concatenated on the
+            channel axis instead and ONE 2-D convolution with k_z * C_in input channels is done).
+            The kernel gradient of each 2-D convolution is summed over chunks of the batch. XLA:CPU's 2-D
             convolutions and their gradients run on Eigen's cache-blocked spatial kernels; its
             3-D ones, and any im2col that materialises the taps, run far slower on x86 CPUs.
   "matmul"  im2col: the prod(kernel) shifted (strided) views of the padded input are concatenated
@@ -35,6 +36,7 @@ runs at half the fp32 rate here), and XLA:CPU flags on the native convolution
 (xla_cpu_use_onednn, xla_cpu_use_xnnpack, xla_cpu_experimental_{xnn,ynn}_fusion_type: no gain).
 """
 
+import functools
 import itertools
 from typing import Optional, Sequence, Tuple
 
@@ -46,8 +48,16 @@ from jax import lax
 IMPLS = ("auto", "xla", "planes", "matmul")
 
 # "planes" concatenates the depth taps on the channel axis (one 2-D convolution) when
-# k_z * C_in is at most this: the first layer's 4 -> 16 conv is 2x faster so, wider ones slower.
+# k_z * C_in is at most PLANES_CONCAT_MAX_CHANNELS (the first layer's 4 -> 16 conv: 2x faster) or
+# the planes are at most PLANES_CONCAT_MAX_PLANE voxels (32x32 and below: 10-30% faster); wider
+# channels on larger planes run faster as one 2-D convolution per tap.
 PLANES_CONCAT_MAX_CHANNELS = 16
+PLANES_CONCAT_MAX_PLANE = 1024
+# XLA:CPU's kernel-gradient 2-D convolution slows down as its contraction over the batch grows
+# (64 planes of 64x64, 32 -> 32 channels: 215 ms as one call, 84 ms as 8 calls of 8 planes), so
+# "planes" sums it over chunks of about this many voxels, in at most KGRAD_MAX_CHUNKS calls.
+KGRAD_CHUNK_VOXELS = 32768
+KGRAD_MAX_CHUNKS = 16
 
 
 def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, Tuple[int, int]]:
@@ -105,6 +115,43 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     return lax.dot_general(col, w, (((nd + 1,), (0,)), ((), ())), precision=precision)
 
 
+def _conv2d(x, w, strides, pads, precision):
+    """x [N, H, W, C], w [k_y, k_x, C, C_out] -> [N, H', W', C_out]."""
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_chunked_kgrad(x, w, strides, pads, precision=None):
+    """`_conv2d` whose kernel gradient is summed over chunks of the batch (KGRAD_CHUNK_VOXELS).
+
+    Same values and gradients as `_conv2d`; only how XLA:CPU is asked for dW differs.
+    """
+    return _conv2d(x, w, strides, pads, precision)
+
+
+def kgrad_chunks(n: int, plane_voxels: int):
+    """[(start, stop)] over n output planes of plane_voxels each: chunks of about
+    KGRAD_CHUNK_VOXELS voxels, at most KGRAD_MAX_CHUNKS of them."""
+    per = max(KGRAD_CHUNK_VOXELS // plane_voxels, -(-n // KGRAD_MAX_CHUNKS), 1)
+    return [(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def _conv2d_fwd(x, w, strides, pads, precision):
+    return _conv2d(x, w, strides, pads, precision), (x, w)
+
+
+def _conv2d_bwd(strides, pads, precision, res, g):
+    x, w = res
+    dx = jax.vjp(lambda x: _conv2d(x, w, strides, pads, precision), x)[1](g)[0]
+    kgrad = lambda a, b: jax.vjp(lambda w: _conv2d(a, w, strides, pads, precision), w)[1](b)[0]
+    dw = sum(kgrad(x[i:j], g[i:j]) for i, j in kgrad_chunks(x.shape[0], g.shape[1] * g.shape[2]))
+    return dx, dw
+
+
+conv2d_chunked_kgrad.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
 def conv_planes(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                 precision=None) -> jax.Array:
     """Sum over depth taps of native 2-D convolutions, equal to `conv_xla` (module docstring).
@@ -117,19 +164,18 @@ def conv_planes(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     kz, c_in, c_out = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
     sz, s2 = strides[0], tuple(strides[1:])
     out_z, pad_z = same_padding(x.shape[1], kz, sz)
-    pads2 = [same_padding(n, k, s)[1] for n, k, s in zip(x.shape[2:4], kernel.shape[1:3], s2)]
+    pads2 = tuple(same_padding(n, k, s)[1] for n, k, s in zip(x.shape[2:4], kernel.shape[1:3], s2))
     if pad_z != (0, 0):
         x = jnp.pad(x, ((0, 0), pad_z, (0, 0), (0, 0), (0, 0)))
     # Input planes seen by depth tap t: z_in = z_out * s_z + t, z_out < out_z.
     planes = [lax.slice_in_dim(x, t, t + (out_z - 1) * sz + 1, sz, axis=1) for t in range(kz)]
 
     def conv2d(xs, w):  # xs [B, out_z, H, W, C'], w [k_y, k_x, C', C_out]
-        y = lax.conv_general_dilated(xs.reshape((-1,) + xs.shape[2:]), w, s2, pads2,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=precision)
+        y = conv2d_chunked_kgrad(xs.reshape((-1,) + xs.shape[2:]), w, s2, pads2, precision)
         return y.reshape((x.shape[0], out_z) + y.shape[1:])
 
-    if kz * c_in <= PLANES_CONCAT_MAX_CHANNELS:
+    if (kz * c_in <= PLANES_CONCAT_MAX_CHANNELS
+            or x.shape[2] * x.shape[3] <= PLANES_CONCAT_MAX_PLANE):
         w = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (kz * c_in, c_out))
         return conv2d(jnp.concatenate(planes, axis=-1) if kz > 1 else planes[0], w)
     return sum(conv2d(xs, kernel[t]) for t, xs in enumerate(planes))
