@@ -219,3 +219,9 @@ def test_errors_name_what_is_wrong():
         Conv(4, (3, 3)).init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 4, 2)))
     with pytest.raises(ValueError, match="do not match"):
         conv_lib.conv(jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 5, 2)))
+
+
+def test_config_override_selects_the_implementation():
+    from lidia_jax.config_file import load_config
+    assert load_config("smoke").model.conv_impl == "auto"
+    assert load_config("smoke,conv=matmul").model.conv_impl == "matmul"

@@ -9,9 +9,10 @@ the backend at hand can be chosen by `config.model.conv_impl` without touching t
             with depth folded into the batch, [B * D_out, H, W, C] (when k_z * C_in is small, as
             in the first layer, or the planes are small, the depth taps are concatenated on the
             channel axis instead and ONE 2-D convolution with k_z * C_in input channels is done).
-            The kernel gradient of each 2-D convolution is summed over chunks of the batch. XLA:CPU's 2-D
-            convolutions and their gradients run on Eigen's cache-blocked spatial kernels; its
-            3-D ones, and any im2col that materialises the taps, run far slower on x86 CPUs.
+            The kernel gradient of each 2-D convolution is summed over chunks of the batch.
+            XLA:CPU's 2-D convolutions and their gradients (YNNPACK fusions in jaxlib 0.10)
+            run near the matmul rate; its 3-D ones, and any im2col that materialises the taps,
+            run far slower on x86 CPUs.
   "matmul"  im2col: the prod(kernel) shifted (strided) views of the padded input are concatenated
             on the channel axis, and the convolution is ONE matrix product
               y[n, o] = sum_{t, c} x_pad[n + t, c] * W[t, c, o],   n = output voxel, t = tap,
@@ -23,17 +24,21 @@ the backend at hand can be chosen by `config.model.conv_impl` without touching t
 All implementations declare the same parameters, `kernel` [*k, C_in, C_out] and `bias` [C_out]
 (flax nn.Conv's names and layout), so checkpoints are interchangeable between them.
 
-Measured on a 2-core x86 CPU (jaxlib 0.10.2; every conv of the demo U-Net, stages 16-128 on
-[2, 32, 64, 64, C], forward + backward, 2026-11-27): the eleven layer shapes take 3.0 s with
-"matmul", 4.9 s with "xla" and 1.2 s with "planes" (scripts/results/unet_cpu_idle.md has the
-whole training step against PlainConvUNet). Formulations that lost on this CPU: the sum of 27
-per-tap dots (3-10x slower, 40 s compiles), im2col over the x or (y, x) taps only with 9 or 3
+Measured on a 2-core x86 CPU (jaxlib 0.10.2 against torch 2.13, 2026-11-27,
+scripts/results/unet_cpu_idle.md): the demo-like U-Net training step (stages 16-128 on
+[2, 32, 64, 64, 4]) is 1.82x PlainConvUNet's with "planes", 4.66x with "matmul" and 8.82x with
+"xla"; issue 7's two blocks 1.17x, 1.45x and 2.08x. Chunking the kernel gradient took "planes"
+from 2.40x to 1.82x. Formulations that lost on this CPU: the sum of 27 per-tap dots (3-10x slower, 40 s compiles), im2col over the x or (y, x) taps only with 9 or 3
 dots, shifting the dot's outputs instead of its inputs (in tap-minor and in channel-first
 tap-major layouts, also in cache-sized chunks under a fori_loop: the [T*C_out, N] product with
 K = C_in is memory-bound), im2col by gather, im2col in depth slabs under a fori_loop, the
 kernel gradient as one [T*C_in, N] @ [N, C_out] product, bfloat16 products (Eigen's bf16 GEMM
-runs at half the fp32 rate here), and XLA:CPU flags on the native convolution
-(xla_cpu_use_onednn, xla_cpu_use_xnnpack, xla_cpu_experimental_{xnn,ynn}_fusion_type: no gain).
+runs at half the fp32 rate here), XLA:CPU flags (xla_cpu_use_onednn, xla_cpu_use_xnnpack,
+xla_cpu_experimental_{xnn,ynn}_fusion_type: no gain), and for "planes": one 2-D convolution
+to k_z * C_out channels whose outputs are summed depth-shifted, splitting the input channels,
+explicit transposes in front of the kernel gradient, and chunking the forward or input
+gradient. glibc's transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) cut im2col's
+page faults but sped PyTorch up more.
 """
 
 import functools
