@@ -25,20 +25,20 @@ All implementations declare the same parameters, `kernel` [*k, C_in, C_out] and 
 (flax nn.Conv's names and layout), so checkpoints are interchangeable between them.
 
 Measured on a 2-core x86 CPU (jaxlib 0.10.2 against torch 2.13, 2026-11-27,
-scripts/results/unet_cpu_idle.md): the demo-like U-Net training step (stages 16-128 on
-[2, 32, 64, 64, 4]) is 1.82x PlainConvUNet's with "planes", 4.66x with "matmul" and 8.82x with
-"xla"; issue 7's two blocks 1.17x, 1.45x and 2.08x. Chunking the kernel gradient took "planes"
-from 2.40x to 1.82x. Formulations that lost on this CPU: the sum of 27 per-tap dots (3-10x slower, 40 s compiles), im2col over the x or (y, x) taps only with 9 or 3
-dots, shifting the dot's outputs instead of its inputs (in tap-minor and in channel-first
-tap-major layouts, also in cache-sized chunks under a fori_loop: the [T*C_out, N] product with
-K = C_in is memory-bound), im2col by gather, im2col in depth slabs under a fori_loop, the
-kernel gradient as one [T*C_in, N] @ [N, C_out] product, bfloat16 products (Eigen's bf16 GEMM
-runs at half the fp32 rate here), XLA:CPU flags (xla_cpu_use_onednn, xla_cpu_use_xnnpack,
-xla_cpu_experimental_{xnn,ynn}_fusion_type: no gain), and for "planes": one 2-D convolution
-to k_z * C_out channels whose outputs are summed depth-shifted, splitting the input channels,
-explicit transposes in front of the kernel gradient, and chunking the forward or input
-gradient. glibc's transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) cut im2col's
-page faults but sped PyTorch up more.
+scripts/results/unet_cpu_idle.md): the demo-like U-Net training step (stages 16-128 on [2, 32, 64,
+64, 4]) is 1.82x PlainConvUNet's with "planes", 4.66x with "matmul" and 8.82x with "xla"; issue 7's
+two blocks 1.17x, 1.45x and 2.08x. Chunking the kernel gradient took "planes" from 2.40x to 1.82x.
+Formulations that lost on this CPU: the sum of 27 per-tap dots (3-10x slower, 40 s compiles),
+im2col over the x or (y, x) taps only with 9 or 3 dots, shifting the dot's outputs instead of its
+inputs (in tap-minor and in channel-first tap-major layouts, also in cache-sized chunks under a
+fori_loop: the [T*C_out, N] product with K = C_in is memory-bound), im2col by gather, im2col in
+depth slabs under a fori_loop, the kernel gradient as one [T*C_in, N] @ [N, C_out] product,
+bfloat16 products (Eigen's bf16 GEMM runs at half the fp32 rate here), XLA:CPU flags
+(xla_cpu_use_onednn, xla_cpu_use_xnnpack, xla_cpu_experimental_{xnn,ynn}_fusion_type: no gain), and
+for "planes": one 2-D convolution to k_z * C_out channels whose outputs are summed depth-shifted,
+splitting the input channels, explicit transposes in front of the kernel gradient, and chunking the
+forward or input gradient. glibc's transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
+cut im2col's page faults but sped PyTorch up more.
 """
 
 import functools
@@ -122,8 +122,8 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 
 def _conv2d(x, w, strides, pads, precision):
     """x [N, H, W, C], w [k_y, k_x, C, C_out] -> [N, H', W', C_out]."""
-    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=precision)
+    return lax.conv_general_dilated(x, w, strides, pads,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -207,8 +207,8 @@ class Conv(nn.Module):
     """N-D convolution, NDHWC, 'SAME' padding. Parameters: kernel [*k, C_in, C_out], bias [C_out].
 
     x [B, D, H, W, C_in] -> [B, ceil(D/s_z), ceil(H/s_y), ceil(W/s_x), features] in `dtype`.
-    impl: "auto" | "xla" | "planes" | "matmul" (module docstring). Parameters are stored in `param_dtype`
-    and cast to `dtype` for the product, as flax nn.Conv does.
+    impl: "auto" | "xla" | "planes" | "matmul" (module docstring). Parameters are stored in
+    `param_dtype` and cast to `dtype` for the product, as flax nn.Conv does.
     """
 
     features: int
