@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 NUM_OUTPUTS = 10  # label codes 0..9
+DEFAULT_IMPLS = ("xla", "planes", "matmul")  # config.model.conv_impl values timed by default
 DS_DECAY = 0.5
 
 
@@ -361,7 +362,7 @@ def environment():
             or platform.machine(), "load_avg": os.getloadavg()}
 
 
-def run_benchmark(repeats=3, warmup=1, quick=False, impls=("xla", "planes", "matmul"), micro=False,
+def run_benchmark(repeats=3, warmup=1, quick=False, impls=DEFAULT_IMPLS, micro=False,
                   unet=True):
     """Entry point of scripts/benchmark.py's "unet" section. quick: 16x32x32 patch, 1 repeat."""
     out = {"environment": environment(), "cases": []}
@@ -412,7 +413,7 @@ def main(argv=None):
     p.add_argument("--micro", action="store_true", help="issue 7's two-block micro-benchmark")
     p.add_argument("--unet", action="store_true", help="U-Net training step (default when "
                    "--micro is not given)")
-    p.add_argument("--impls", nargs="+", default=["xla", "planes", "matmul"],
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS),
                    help="lidia_jax conv impls to time (config.model.conv_impl values)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)

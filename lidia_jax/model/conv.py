@@ -182,7 +182,7 @@ def conv_planes(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     if (kz * c_in <= PLANES_CONCAT_MAX_CHANNELS
             or x.shape[2] * x.shape[3] <= PLANES_CONCAT_MAX_PLANE):
         w = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (kz * c_in, c_out))
-        return conv2d(jnp.concatenate(planes, axis=-1) if kz > 1 else planes[0], w)
+        return conv2d(jnp.concatenate(planes, axis=-1), w)
     return sum(conv2d(xs, kernel[t]) for t, xs in enumerate(planes))
 
 
