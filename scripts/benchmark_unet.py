@@ -88,6 +88,7 @@ def jax_micro_step(impl, shape, channels, dtype_name="float32"):
     import jax
     import jax.numpy as jnp
 
+    from lidia_jax.model.conv import compiler_options
     from lidia_jax.model.layers import ConvNormAct
 
     import flax.linen as nn
@@ -106,7 +107,7 @@ def jax_micro_step(impl, shape, channels, dtype_name="float32"):
     params = model.init(jax.random.PRNGKey(1), x)
     # x is an argument, not a closure constant (XLA would constant-fold it at compile time).
     loss = lambda p, x: jnp.mean(jnp.square(model.apply(p, x).astype(jnp.float32)))
-    step = jax.jit(jax.value_and_grad(loss))
+    step = jax.jit(jax.value_and_grad(loss), compiler_options=compiler_options(impl))
     return lambda: jax.block_until_ready(step(params, x))
 
 
@@ -125,6 +126,7 @@ def jax_unet_step(impl, patch, batch, features, kernels, strides, full_model=Fal
     import ml_collections
     import optax
 
+    from lidia_jax.model.conv import compiler_options
     from lidia_jax.model.encoder import Encoder
     from lidia_jax.model.unet_decoder import UNetDecoder
     from lidia_jax.objective.per_voxel import per_voxel_loss
@@ -162,7 +164,7 @@ def jax_unet_step(impl, patch, batch, features, kernels, strides, full_model=Fal
     def loss_fn(p, image, labels):
         return per_voxel_loss(apply(p, image, mask), {"semantic": labels}, cfg)[0]
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=compiler_options(impl))
     def step(p, opt, image, labels):
         loss, g = jax.value_and_grad(loss_fn)(p, image, labels)
         upd, opt = tx.update(g, opt, p)

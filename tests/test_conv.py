@@ -165,10 +165,38 @@ def test_auto_picks_planes_on_cpu_for_3d_and_xla_otherwise():
     count = lambda x, w: str(jax.make_jaxpr(lambda x, w: conv_lib.conv(x, w, impl="auto"))(
         x, w)).count("conv_general_dilated")
     w = jnp.ones((3, 3, 3, 6, 2))
-    # k_z * C_in = 18 > PLANES_CONCAT_MAX_CHANNELS and 33x32 planes > PLANES_CONCAT_MAX_PLANE:
-    # one 2-D convolution per depth tap; on 32x32 planes, one over the concatenated taps.
-    assert count(jnp.ones((1, 4, 33, 32, 6)), w) == 3
-    assert count(jnp.ones((1, 4, 32, 32, 6)), w) == 1
+    # k_z * C_in = 18 > PLANES_CONCAT_MAX_CHANNELS and 65x64 planes > PLANES_CONCAT_MAX_PLANE:
+    # one 2-D convolution per depth tap; on 64x64 planes, one over the concatenated taps.
+    assert count(jnp.ones((1, 4, 65, 64, 6)), w) == 3
+    assert count(jnp.ones((1, 4, 64, 64, 6)), w) == 1
+
+
+def test_compiler_options_take_cpu_convolutions_out_of_ynnpack():
+    """"planes" on the CPU compiles its 2-D convolutions with XLA's own (multi-threaded) kernel
+    instead of a YNNPACK fusion; the values do not change."""
+    opts = conv_lib.compiler_options("auto")
+    assert opts == conv_lib.CPU_CONV_COMPILER_OPTIONS
+    assert conv_lib.compiler_options("planes") == opts
+    assert conv_lib.compiler_options("matmul") is None and conv_lib.compiler_options("xla") is None
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8, 8, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 16, 32)), jnp.float32)
+    fn = lambda x, w: conv_lib.conv(x, w, impl="planes")
+    ynn = lambda options: "__ynn_fusion" in jax.jit(fn, compiler_options=options).lower(
+        x, w).compile().as_text()
+    assert ynn(None) and not ynn(opts)  # jaxlib 0.10's default, then without it
+    np.testing.assert_allclose(np.asarray(jax.jit(fn, compiler_options=opts)(x, w)),
+                               np.asarray(jax.jit(fn)(x, w)), rtol=1e-5, atol=1e-4)
+
+
+def test_compiler_options_none_where_the_option_is_unknown(monkeypatch):
+    conv_lib._cpu_accepts_conv_options.cache_clear()
+    monkeypatch.setattr(conv_lib, "CPU_CONV_COMPILER_OPTIONS",
+                        {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH_FUSION_TYPE"})
+    try:
+        assert conv_lib.compiler_options("planes") is None
+    finally:
+        conv_lib._cpu_accepts_conv_options.cache_clear()
 
 
 @pytest.mark.parametrize("c_in", [2, 6])

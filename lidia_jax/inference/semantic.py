@@ -25,10 +25,12 @@ Per-voxel head: softmax of seg_logits over the 10 label codes.
 import dataclasses
 import functools
 import itertools
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from lidia_jax.model import conv as conv_lib
 
 _EPS = 1e-6
 
@@ -124,24 +126,28 @@ def _predict_tiles(variables, tiles, phase_mask, *, apply_fn, head, tile_shape, 
     return probs_sum / len(flips), aux_max
 
 
-# One jitted function for the whole process: jit's cache is keyed on the static arguments, so
-# every call site that asks for the same model and settings reuses the same compilation (e.g. the
-# periodic validation of the training loop).
-_predict_tiles_jit = jax.jit(_predict_tiles,
-                             static_argnames=("apply_fn", "head", "tile_shape", "mirror_axes"))
+# One jitted function per set of compiler options for the whole process: jit's cache is keyed on
+# the static arguments, so every call site that asks for the same model and settings reuses the
+# same compilation (e.g. the periodic validation of the training loop).
+@functools.lru_cache(maxsize=None)
+def _predict_tiles_jit(compiler_options: Tuple[Tuple[str, str], ...] = ()):
+    return jax.jit(_predict_tiles, static_argnames=("apply_fn", "head", "tile_shape", "mirror_axes"),
+                   compiler_options=dict(compiler_options) or None)
 
 
 def make_tile_predictor(apply_fn: Callable, head: str, tile_shape: Sequence[int],
-                        mirror_axes: Sequence[int] = ()) -> Callable:
+                        mirror_axes: Sequence[int] = (),
+                        compiler_options: Optional[Mapping[str, str]] = None) -> Callable:
     """A jitted function (variables, tiles, phase_mask) -> (probs, aux), one for all cases.
 
     apply_fn(variables, image [B, pz, py, px, 4], phase_mask [B, 4]) -> model outputs dict; it
     must be hashable (it is a static argument of jit). Mirroring TTA averages the probabilities
     of the plain and every mirrored pass (each flipped back) and takes the max of the query
-    evidence. XLA compiles once per tile batch shape.
+    evidence. XLA compiles once per tile batch shape, with `compiler_options` (jax.jit's).
     """
     mirror_combinations(mirror_axes)  # validate early
-    return functools.partial(_predict_tiles_jit, apply_fn=apply_fn, head=head,
+    jitted = _predict_tiles_jit(tuple(sorted((compiler_options or {}).items())))
+    return functools.partial(jitted, apply_fn=apply_fn, head=head,
                              tile_shape=tuple(int(s) for s in tile_shape),
                              mirror_axes=tuple(int(a) for a in mirror_axes))
 
@@ -159,7 +165,8 @@ class _EvalApply:
 def model_tile_predictor(model, config) -> Callable:
     """make_tile_predictor for a flax model built from config.model (eval mode)."""
     return make_tile_predictor(_EvalApply(model), config.model.head, config.input.patch_size,
-                               config.inference.mirror_axes)
+                               config.inference.mirror_axes,
+                               conv_lib.compiler_options(config.model.conv_impl))
 
 
 def as_variables(params_or_variables):

@@ -10,9 +10,10 @@ the backend at hand can be chosen by `config.model.conv_impl` without touching t
             in the first layer, or the planes are small, the depth taps are concatenated on the
             channel axis instead and ONE 2-D convolution with k_z * C_in input channels is done).
             The kernel gradient of each 2-D convolution is summed over chunks of the batch.
-            XLA:CPU's 2-D convolutions and their gradients (YNNPACK fusions in jaxlib 0.10)
-            run near the matmul rate; its 3-D ones, and any im2col that materialises the taps,
-            run far slower on x86 CPUs.
+            XLA:CPU's 2-D convolutions and their gradients run near the matmul rate; its 3-D
+            ones, and any im2col that materialises the taps, run far slower on x86 CPUs. Jit
+            computations that use it with `compiler_options(impl)`: on the CPU, it keeps the
+            2-D convolutions on XLA's own multi-threaded kernels (CPU_CONV_COMPILER_OPTIONS).
   "matmul"  im2col: the prod(kernel) shifted (strided) views of the padded input are concatenated
             on the channel axis, and the convolution is ONE matrix product
               y[n, o] = sum_{t, c} x_pad[n + t, c] * W[t, c, o],   n = output voxel, t = tap,
@@ -26,8 +27,9 @@ All implementations declare the same parameters, `kernel` [*k, C_in, C_out] and 
 
 Measured on a 2-core x86 CPU (jaxlib 0.10.2 against torch 2.13, 2026-11-27,
 scripts/results/unet_cpu_idle.md): the demo-like U-Net training step (stages 16-128 on [2, 32, 64,
-64, 4]) is 1.82x PlainConvUNet's with "planes", 4.66x with "matmul" and 8.82x with "xla"; issue 7's
-two blocks 1.17x, 1.45x and 2.08x. Chunking the kernel gradient took "planes" from 2.40x to 1.82x.
+64, 4]) is 1.34x PlainConvUNet's with "planes", 7.7x with "matmul" and 7.8x with "xla"; issue 7's
+two blocks 0.72x, 2.0x and 2.2x. Chunking the kernel gradient took "planes" from 2.40x to 1.82x,
+and taking its 2-D convolutions out of YNNPACK (single-threaded here) from 1.82x to 1.34x.
 Formulations that lost on this CPU: the sum of 27 per-tap dots (3-10x slower, 40 s compiles),
 im2col over the x or (y, x) taps only with 9 or 3 dots, shifting the dot's outputs instead of its
 inputs (in tap-minor and in channel-first tap-major layouts, also in cache-sized chunks under a
@@ -43,7 +45,7 @@ cut im2col's page faults but sped PyTorch up more.
 
 import functools
 import itertools
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -54,15 +56,24 @@ IMPLS = ("auto", "xla", "planes", "matmul")
 
 # "planes" concatenates the depth taps on the channel axis (one 2-D convolution) when
 # k_z * C_in is at most PLANES_CONCAT_MAX_CHANNELS (the first layer's 4 -> 16 conv: 2x faster) or
-# the planes are at most PLANES_CONCAT_MAX_PLANE voxels (32x32 and below: 10-30% faster); wider
-# channels on larger planes run faster as one 2-D convolution per tap.
+# the planes are at most PLANES_CONCAT_MAX_PLANE voxels (64x64 and below: the demo-like U-Net step
+# 1.13-1.17 s against 1.18-1.23 s with 32x64 and below, XLA's Eigen convolutions); wider channels
+# on larger planes run as one 2-D convolution per tap (the concatenation triples the input).
 PLANES_CONCAT_MAX_CHANNELS = 16
-PLANES_CONCAT_MAX_PLANE = 1024
+PLANES_CONCAT_MAX_PLANE = 4096
 # XLA:CPU's kernel-gradient 2-D convolution slows down as its contraction over the batch grows
 # (64 planes of 64x64, 32 -> 32 channels: 215 ms as one call, 84 ms as 8 calls of 8 planes), so
 # "planes" sums it over chunks of about this many voxels, in at most KGRAD_MAX_CHUNKS calls.
 KGRAD_CHUNK_VOXELS = 32768
 KGRAD_MAX_CHUNKS = 16
+# jaxlib 0.10's XLA:CPU hands every convolution to a YNNPACK fusion, which ran single-threaded on
+# this 2-core machine; XLA's own (Eigen) convolution uses every core. This jit option keeps YNNPACK
+# for dots and reductions (its other defaults) and takes convolutions out of it. 2-D convolutions
+# on 64 planes of 64x64: 16 -> 32 channels 41 ms -> 15 ms, 32 -> 16 45 ms -> 20 ms; only 16 -> 16
+# (11 ms) went to Eigen already.
+CPU_CONV_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, Tuple[int, int]]:
@@ -83,6 +94,27 @@ def resolve_impl(impl: str, ndim: int = 3) -> str:
     if impl != "auto":
         return impl
     return "planes" if jax.default_backend() == "cpu" and ndim == 3 else "xla"
+
+
+def compiler_options(impl: str = "auto") -> Optional[Dict[str, str]]:
+    """Options for `jax.jit(..., compiler_options=...)` of a computation whose convolutions use
+    `impl`: CPU_CONV_COMPILER_OPTIONS for "planes" on the CPU backend, else None (also where this
+    jaxlib does not know the option: checked once by compiling a tiny convolution)."""
+    if jax.default_backend() != "cpu" or resolve_impl(impl) != "planes":
+        return None
+    return dict(CPU_CONV_COMPILER_OPTIONS) if _cpu_accepts_conv_options() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_accepts_conv_options() -> bool:
+    x = jax.ShapeDtypeStruct((1, 4, 4, 1), jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, 1, 1), jnp.float32)
+    try:
+        jax.jit(lambda x, w: _conv2d(x, w, (1, 1), "SAME", None)).lower(x, w).compile(
+            dict(CPU_CONV_COMPILER_OPTIONS))
+    except Exception:  # an unknown option or enum value: XLA's defaults then
+        return False
+    return True
 
 
 def conv_xla(x: jax.Array, kernel: jax.Array, strides: Sequence[int],

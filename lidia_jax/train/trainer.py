@@ -25,6 +25,7 @@ from lidia_jax.data import pipeline
 from lidia_jax.data import preprocessing
 from lidia_jax.data import synthetic
 from lidia_jax.evaluation import evaluate as evaluate_lib
+from lidia_jax.model import conv as conv_lib
 from lidia_jax.train import checkpoint as ckpt
 from lidia_jax.train import optimizer as optimizer_lib
 from lidia_jax.train import sharding as sharding_lib
@@ -205,7 +206,8 @@ def train_and_evaluate(config, workdir, log=print):
     train_step = jax.jit(make_train_step(model, tx, config),
                          in_shardings=(state_shardings, data_sharding),
                          out_shardings=(state_shardings, metrics_sharding),
-                         donate_argnums=0)
+                         donate_argnums=0,
+                         compiler_options=conv_lib.compiler_options(config.model.conv_impl))
 
     add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # global arrays: jit
 
