@@ -21,7 +21,8 @@ transposed-conv upsampling, 1x1x1 head with 10 outputs at every decoder level
 (deep supervision), Dice + CE at every level (nnU-Net's batch Dice without background, weights
 1/2^i normalised, labels downsampled by nearest-exact), and one SGD step (Nesterov momentum
 0.99, lr 1e-2, global grad-norm clip 12, nnU-Net's defaults). JAX: lidia_jax.model's Encoder +
-UNetDecoder and lidia_jax.objective.per_voxel's loss, one row per conv impl; also the project's
+UNetDecoder and lidia_jax.objective.per_voxel's loss, one row per conv impl, each jitted with the
+compiler options the trainer uses for it (`conv.compiler_options`); also the project's
 full per-voxel model (build_model, head=per_voxel, fusion=early: an 8-channel stem block in
 front of the same U-Net) as "lidia_per_voxel_early". PyTorch: PlainConvUNet with the same
 arguments and the same loss written in torch.
