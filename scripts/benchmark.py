@@ -138,10 +138,8 @@ def bench_train(config_arg, repeats, warmup):
     """Training step of `config_arg` on the trainer's mesh: seconds, samples/s, memory."""
     import flax.linen as nn
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from lidia_jax import model as model_lib
-    from lidia_jax.model import conv
     from lidia_jax.data.fake_batch import fake_batch
     from lidia_jax.train import optimizer as optimizer_lib
     from lidia_jax.train import sharding as sharding_lib
@@ -162,10 +160,7 @@ def bench_train(config_arg, repeats, warmup):
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     data_sharding = sharding_lib.batch_sharding(mesh)
-    step = jax.jit(trainer.make_train_step(model, tx, config),
-                   in_shardings=(shardings, data_sharding),
-                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0,
-                   compiler_options=conv.compiler_options(config.model.conv_impl))
+    step = trainer.jit_train_step(model, tx, config, mesh, shardings)
     # The global batch must split over the data axis; round up when there are more devices.
     data_size = mesh.shape["data"]
     batch_size = -(-config.input.batch_size // data_size) * data_size

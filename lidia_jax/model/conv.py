@@ -35,8 +35,9 @@ im2col over the x or (y, x) taps only with 9 or 3 dots, shifting the dot's outpu
 inputs (in tap-minor and in channel-first tap-major layouts, also in cache-sized chunks under a
 fori_loop: the [T*C_out, N] product with K = C_in is memory-bound), im2col by gather, im2col in
 depth slabs under a fori_loop, the kernel gradient as one [T*C_in, N] @ [N, C_out] product,
-bfloat16 products (Eigen's bf16 GEMM runs at half the fp32 rate here), XLA:CPU flags
-(xla_cpu_use_onednn, xla_cpu_use_xnnpack, xla_cpu_experimental_{xnn,ynn}_fusion_type: no gain), and
+bfloat16 products (Eigen's bf16 GEMM runs at half the fp32 rate here), other XLA:CPU flags
+(xla_cpu_use_onednn, xla_cpu_use_xnnpack, xla_cpu_experimental_xnn_fusion_type; an empty
+xla_cpu_experimental_ynn_fusion_type, which also takes dots out of YNNPACK: 1.90x), and
 for "planes": one 2-D convolution to k_z * C_out channels whose outputs are summed depth-shifted,
 splitting the input channels, explicit transposes in front of the kernel gradient, and chunking the
 forward or input gradient. glibc's transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
@@ -57,7 +58,7 @@ IMPLS = ("auto", "xla", "planes", "matmul")
 # "planes" concatenates the depth taps on the channel axis (one 2-D convolution) when
 # k_z * C_in is at most PLANES_CONCAT_MAX_CHANNELS (the first layer's 4 -> 16 conv: 2x faster) or
 # the planes are at most PLANES_CONCAT_MAX_PLANE voxels (64x64 and below: the demo-like U-Net step
-# 1.13-1.17 s against 1.18-1.23 s with 32x64 and below, XLA's Eigen convolutions); wider channels
+# 1.13-1.17 s against 1.18-1.23 s with 32x32 and below, XLA's Eigen convolutions); wider channels
 # on larger planes run as one 2-D convolution per tap (the concatenation triples the input).
 PLANES_CONCAT_MAX_CHANNELS = 16
 PLANES_CONCAT_MAX_PLANE = 4096

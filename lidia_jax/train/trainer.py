@@ -137,6 +137,16 @@ def make_init(model, tx, config):
     return init
 
 
+def jit_train_step(model, tx, config, mesh, state_shardings):
+    """make_train_step jitted over `mesh`: state in `state_shardings` (donated), the batch split
+    over the data axis, metrics replicated; with the compiler options of the conv impl."""
+    return jax.jit(make_train_step(model, tx, config),
+                   in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                   donate_argnums=0,
+                   compiler_options=conv_lib.compiler_options(config.model.conv_impl))
+
+
 def global_batch(local_batch, sharding):
     """Assembles the global batch from each process's local part (leading axis = batch)."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
@@ -202,12 +212,7 @@ def train_and_evaluate(config, workdir, log=print):
         log(f"Resumed from the checkpoint at step {restored_step}")
 
     data_sharding = sharding_lib.batch_sharding(mesh)
-    metrics_sharding = NamedSharding(mesh, P())
-    train_step = jax.jit(make_train_step(model, tx, config),
-                         in_shardings=(state_shardings, data_sharding),
-                         out_shardings=(state_shardings, metrics_sharding),
-                         donate_argnums=0,
-                         compiler_options=conv_lib.compiler_options(config.model.conv_impl))
+    train_step = jit_train_step(model, tx, config, mesh, state_shardings)
 
     add_metrics = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))  # global arrays: jit
 
