@@ -13,6 +13,7 @@ Overrides accepted in the config string (comma separated, `key=value`):
   cls_loss=focal|ce                 contrastive=acl|supcon|none
   patient_score=livermax|volume|query_max
   sam=0|1                           delayed=0|1 (drop the delayed phase everywhere)
+  pooled=0|1                        mask-pooled intensity class logits (model/mask_pooling.py)
 
 Axis conventions: spatial tuples are (z, y, x) == (D, H, W); images are NDHWC.
 """
@@ -124,6 +125,9 @@ def _paper():
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.model.remat = False  # rematerialise encoder stages
   c.model.conv_impl = "auto"  # auto | xla | planes | matmul (see model/conv.py)
+  # (model engineer) add class logits from the input phases pooled under each query's mask
+  # (model/mask_pooling.py); not in the paper, on in the demo, whose budget is short.
+  c.model.pooled_intensity = False
 
   # --------------------------------------------------------- objective
   c.loss = ml_collections.ConfigDict()
@@ -235,6 +239,7 @@ def _demo(c):
   c.model.ffn_dim = 128
   c.model.num_heads = 4
   c.model.acl_dim = 32
+  c.model.pooled_intensity = True
   c.loss.num_points = 2048
   c.loss.layers_in_parallel = 1  # (objective) CPU-friendly
   c.optim.lr = 2e-3
@@ -306,6 +311,7 @@ _OVERRIDES = {
     "lr": lambda c, v: setattr(c.optim, "lr", float(v)),
     "delayed": lambda c, v: setattr(c.data, "drop_delayed", not bool(int(v))),
     "conv": lambda c, v: setattr(c.model, "conv_impl", v),
+    "pooled": lambda c, v: setattr(c.model, "pooled_intensity", bool(int(v))),
 }
 
 

@@ -55,6 +55,7 @@ class LIDIA(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     conv_impl: str = "auto"
+    pooled_intensity: bool = False
 
     def _check(self, image, phase_mask):
         if image.ndim != 5 or image.shape[-1] != 4:
@@ -94,8 +95,8 @@ class LIDIA(nn.Module):
             name="pixel_decoder")(skips)
         return TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
-            self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
-            name="transformer_decoder")(multi_scale, mask_features)
+            self.num_classes, self.mask_dim, self.acl_dim, self.dtype, self.pooled_intensity,
+            name="transformer_decoder")(multi_scale, mask_features, image, phase_mask)
 
 
 def build_model(model_cfg) -> LIDIA:
@@ -123,4 +124,5 @@ def build_model(model_cfg) -> LIDIA:
         acl_dim=int(model_cfg.acl_dim), num_classes=int(model_cfg.num_classes),
         ifm_shared_fuse=bool(get("ifm_shared_fuse", True)),
         dtype=_DTYPES[str(model_cfg.dtype)], remat=bool(model_cfg.remat),
-        conv_impl=str(model_cfg.conv_impl))
+        conv_impl=str(model_cfg.conv_impl),
+        pooled_intensity=bool(get("pooled_intensity", False)))

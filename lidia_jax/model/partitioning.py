@@ -18,6 +18,7 @@ Logical axes:
   qkv                 attention projections' output/input width
   mlp                 FFN / MLP hidden width
   classes, mask, acl  head outputs (K+1 logits, mask_dim, acl_dim)
+  pooled              mask-pooled intensity statistics (model/mask_pooling.py)
   queries             the learnable query tables
   norm                normalisation scales/biases
 """
@@ -27,6 +28,7 @@ from typing import Tuple
 _REPLICATED = (
     ("conv_in", None), ("conv_out", None), ("embed", None), ("qkv", None), ("mlp", None),
     ("classes", None), ("mask", None), ("acl", None), ("queries", None), ("norm", None),
+    ("pooled", None),
 )
 
 # FSDP (ZeRO-3 style): shard the largest dimension of every big kernel over the "data" mesh
@@ -35,6 +37,7 @@ _REPLICATED = (
 _FSDP = (
     ("conv_in", None), ("conv_out", "data"), ("embed", None), ("qkv", "data"), ("mlp", "data"),
     ("classes", None), ("mask", None), ("acl", None), ("queries", None), ("norm", None),
+    ("pooled", None),
 )
 
 # The rules table the train step maps logical names with (param_sharding "logical"): FSDP.

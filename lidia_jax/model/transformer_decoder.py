@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lidia_jax.model import mask_pooling
 from lidia_jax.model.layers import dense, layer_norm
 from lidia_jax.model.position import sine_position_3d
 
@@ -158,6 +159,8 @@ class TransformerDecoder(nn.Module):
 
     multi_scale: list of num_scales maps [B, d_l, h_l, w_l, hidden_dim], coarsest first.
     mask_features: [B, D, H, W, mask_dim].
+    image [B, D', H', W', P], phase_mask [B, P]: the network's input, needed (only) with
+      pooled_intensity, which adds mask_pooling's class-logit term to every prediction.
     Returns dict (all float32):
       logits [L+1, B, Q, K+1], masks [L+1, B, Q, D, H, W], embed [L+1, B, Q, acl_dim]
     index 0 from the learnable queries before the first layer, -1 the final prediction.
@@ -172,9 +175,10 @@ class TransformerDecoder(nn.Module):
     mask_dim: int
     acl_dim: int
     dtype: jnp.dtype = jnp.float32
+    pooled_intensity: bool = False
 
     @nn.compact
-    def __call__(self, multi_scale, mask_features):
+    def __call__(self, multi_scale, mask_features, image=None, phase_mask=None):
         b = mask_features.shape[0]
         e = self.hidden_dim
         num_scales = len(multi_scale)
@@ -198,9 +202,18 @@ class TransformerDecoder(nn.Module):
         heads = PredictionHeads(self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
                                 name="heads")
         preds = []
+        if self.pooled_intensity:
+            if image is None or phase_mask is None:
+                raise ValueError("TransformerDecoder: pooled_intensity needs image and phase_mask")
+            pooled_image = mask_pooling.pool_image(image, mask_features.shape[1:4])
+            pooled_head = mask_pooling.PooledIntensityLogits(self.num_classes,
+                                                             name="pooled_intensity")
 
         def predict(out, next_size):
             logits, masks, z = heads(out, mask_features)
+            if self.pooled_intensity:
+                logits = logits + pooled_head(mask_pooling.pooled_statistics(
+                    masks, logits, pooled_image, phase_mask))
             preds.append((logits, masks, z))
             return attention_mask(masks, next_size)
 

@@ -1,0 +1,104 @@
+"""Mask-pooled intensity class logits (model/mask_pooling.py) against naive numpy loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage as ndi
+
+from conftest import load_config
+from lidia_jax.model import build_model
+from lidia_jax.model import mask_pooling
+
+
+def _naive_statistics(mask_logits, class_logits, image, phase_mask):
+    """One query, one phase at a time, scipy's minimum filter for the soft core."""
+    b, q = mask_logits.shape[:2]
+    p = image.shape[-1]
+    w = 1.0 / (1.0 + np.exp(-mask_logits.astype(np.float64)))
+    e = np.exp(class_logits - class_logits.max(-1, keepdims=True))
+    liver_prob = (e / e.sum(-1, keepdims=True))[..., 0]
+    out = np.zeros((b, q, 4 * p + 1 + p))
+    for i in range(b):
+        liver = sum(liver_prob[i, j] * w[i, j] for j in range(q))
+        for j in range(q):
+            core = ndi.minimum_filter(w[i, j], size=3, mode="nearest")
+            rim = np.maximum(w[i, j] - core, 0.0)
+            for c in range(p):
+                x = image[i, ..., c].astype(np.float64)
+                mean_of = lambda weights, v=x: (weights * v).sum() / max(weights.sum(), 1e-3)
+                ref = mean_of(liver)
+                mean = mean_of(w[i, j])
+                std = np.sqrt(max(mean_of(w[i, j], x * x) - mean ** 2, 0.0))
+                values = [mean - ref, mean_of(core) - ref, mean_of(rim) - ref, std]
+                for k, v in enumerate(values):
+                    out[i, j, k * p + c] = v * phase_mask[i, c]
+            out[i, j, 4 * p] = np.log1p(w[i, j].sum())
+            out[i, j, 4 * p + 1:] = phase_mask[i]
+    return out
+
+
+def test_pooled_statistics_match_a_naive_loop():
+    rng = np.random.default_rng(0)
+    b, q, size, p = 2, 3, (4, 5, 6), 4
+    mask_logits = rng.normal(0, 3, (b, q) + size).astype(np.float32)
+    class_logits = rng.normal(0, 2, (b, q, 10)).astype(np.float32)
+    image = rng.normal(0, 1, (b,) + size + (p,)).astype(np.float32)
+    phase_mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    image[0, ..., 3] = 0.0  # absent phases are zero in the cache
+    got = mask_pooling.pooled_statistics(jnp.asarray(mask_logits), jnp.asarray(class_logits),
+                                         jnp.asarray(image), jnp.asarray(phase_mask))
+    want = _naive_statistics(mask_logits, class_logits, image, phase_mask)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    assert np.all(np.asarray(got)[0, :, [3, 7, 11, 15]] == 0.0)  # D absent: no statistic
+
+
+def test_pool_image_averages_blocks():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(1, 4, 6, 8, 2)).astype(np.float32)
+    got = np.asarray(mask_pooling.pool_image(jnp.asarray(image), (2, 3, 2)))
+    want = np.zeros((1, 2, 3, 2, 2))
+    for z, y, x in np.ndindex(2, 3, 2):
+        want[0, z, y, x] = image[0, 2 * z:2 * z + 2, 2 * y:2 * y + 2, 4 * x:4 * x + 4].mean(
+            axis=(0, 1, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_statistics_pass_no_gradient_to_the_model_outputs():
+    rng = np.random.default_rng(2)
+    masks = jnp.asarray(rng.normal(size=(1, 2, 3, 3, 3)), jnp.float32)
+    logits = jnp.asarray(rng.normal(size=(1, 2, 10)), jnp.float32)
+    image = jnp.asarray(rng.normal(size=(1, 3, 3, 3, 4)), jnp.float32)
+    phases = jnp.ones((1, 4), bool)
+    f = lambda m, l: mask_pooling.pooled_statistics(m, l, image, phases).sum()
+    gm, gl = jax.grad(f, argnums=(0, 1))(masks, logits)
+    assert not np.any(np.asarray(gm)) and not np.any(np.asarray(gl))
+
+
+def test_model_with_pooled_logits_starts_as_mask2former_and_learns_from_them():
+    """Zero-initialised last layer: same outputs as without the head at init; the class loss
+    reaches the head's parameters."""
+    config = load_config("smoke")
+    shape = (2, 8, 16, 16, 4)
+    rng = np.random.default_rng(3)
+    image = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    phase_mask = jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    config.model.pooled_intensity = True
+    pooled = build_model(config.model)
+    params = jax.jit(pooled.init)(jax.random.PRNGKey(0), image, phase_mask)["params"]
+    config.model.pooled_intensity = False
+    plain = build_model(config.model)
+    plain_params = dict(params)
+    plain_params["transformer_decoder"] = {
+        k: v for k, v in params["transformer_decoder"].items() if k != "pooled_intensity"}
+    a = jax.jit(pooled.apply)({"params": params}, image, phase_mask)
+    b = jax.jit(plain.apply)({"params": plain_params}, image, phase_mask)
+    for key in ("logits", "masks", "embed"):
+        np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=1e-6, atol=1e-6)
+
+    def class_loss(p):
+        logits = pooled.apply({"params": p}, image, phase_mask)["logits"]
+        return -jax.nn.log_softmax(logits, axis=-1)[..., 2].mean()
+
+    grads = jax.jit(jax.grad(class_loss))(params)
+    head = jax.tree.leaves(grads["transformer_decoder"]["pooled_intensity"]["pool_logits"])
+    assert all(np.any(np.asarray(g)) for g in head)
