@@ -14,6 +14,7 @@ Overrides accepted in the config string (comma separated, `key=value`):
   patient_score=livermax|volume|query_max
   sam=0|1                           delayed=0|1 (drop the delayed phase everywhere)
   pooled=0|1                        mask-pooled intensity class logits (model/mask_pooling.py)
+  mask_stage=N                      encoder stage whose resolution the masks have (0: input's)
 
 Axis conventions: spatial tuples are (z, y, x) == (D, H, W); images are NDHWC.
 """
@@ -128,6 +129,7 @@ def _paper():
   # (model engineer) add class logits from the input phases pooled under each query's mask
   # (model/mask_pooling.py); not in the paper, on in the demo, whose budget is short.
   c.model.pooled_intensity = False
+  c.model.pooled_intensity_stage = 1  # statistics on this encoder stage's grid (0: the input's)
 
   # --------------------------------------------------------- objective
   c.loss = ml_collections.ConfigDict()
@@ -215,7 +217,9 @@ def _demo(c):
   two CPU cores (conv_impl "planes"). SAM is off here because it doubles the step cost at a
   fixed wall-clock budget (`:demo,sam=1` runs the full method); the method is otherwise the
   paper's LIDIA. What 2,400 steps need and the paper's 250,000 do not: lr 2e-3 instead of 1e-5,
-  and class-balanced lesion patches (measured in README.md, "What it gives today").
+  class-balanced lesion patches, and class logits from the input phases pooled under each
+  query's mask at the input's resolution (model/mask_pooling.py; not in the paper). Measured in
+  README.md, "What it gives today".
   """
   c.data.synthetic.size = "demo"
   c.data.synthetic.cases = 100
@@ -240,6 +244,7 @@ def _demo(c):
   c.model.num_heads = 4
   c.model.acl_dim = 32
   c.model.pooled_intensity = True
+  c.model.pooled_intensity_stage = 0
   c.loss.num_points = 2048
   c.loss.layers_in_parallel = 1  # (objective) CPU-friendly
   c.optim.lr = 2e-3
@@ -312,6 +317,7 @@ _OVERRIDES = {
     "delayed": lambda c, v: setattr(c.data, "drop_delayed", not bool(int(v))),
     "conv": lambda c, v: setattr(c.model, "conv_impl", v),
     "pooled": lambda c, v: setattr(c.model, "pooled_intensity", bool(int(v))),
+    "mask_stage": lambda c, v: setattr(c.model, "mask_stride_stage", int(v)),
 }
 
 

@@ -52,6 +52,20 @@ def test_pooled_statistics_match_a_naive_loop():
     assert np.all(np.asarray(got)[0, :, [3, 7, 11, 15]] == 0.0)  # D absent: no statistic
 
 
+def test_masks_are_resized_to_the_grid_of_the_statistics():
+    """Masks on a coarser grid than the image: trilinearly resized (as the semantic map's) first."""
+    rng = np.random.default_rng(4)
+    mask_logits = rng.normal(0, 3, (1, 2, 2, 3, 3)).astype(np.float32)
+    class_logits = rng.normal(0, 2, (1, 2, 10)).astype(np.float32)
+    image = rng.normal(0, 1, (1, 4, 6, 6, 4)).astype(np.float32)
+    phase_mask = np.ones((1, 4), bool)
+    fine = np.asarray(jax.image.resize(jnp.asarray(mask_logits), (1, 2, 4, 6, 6), "linear"))
+    got = mask_pooling.pooled_statistics(jnp.asarray(mask_logits), jnp.asarray(class_logits),
+                                         jnp.asarray(image), jnp.asarray(phase_mask))
+    want = _naive_statistics(fine, class_logits, image, phase_mask)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
 def test_pool_image_averages_blocks():
     rng = np.random.default_rng(1)
     image = rng.normal(size=(1, 4, 6, 8, 2)).astype(np.float32)

@@ -91,7 +91,8 @@ def test_ablation_rows_are_valid_configs(ablation):
               "t3_livermax": ("mask2former", "early", False, False, "livermax"),
               "t3_ifm": ("mask2former", "ifm", False, False, "livermax"),
               "t3_acl": ("mask2former", "ifm", False, False, "livermax"),
-              "t3_sam": ("mask2former", "ifm", False, True, "livermax")}
+              "t3_sam": ("mask2former", "ifm", False, True, "livermax"),
+              "t3_pooled": ("mask2former", "ifm", False, False, "livermax")}
     assert set(expect) == set(ablation.ROWS)
     for name, (head, fusion, drop_d, sam, score) in expect.items():
         c = ablation.row_config("demo", name, "/tmp/r", steps=7)
@@ -104,6 +105,11 @@ def test_ablation_rows_are_valid_configs(ablation):
     cls = {n: ablation.row_config("smoke", n, "/r").loss for n in ablation.ROWS}
     assert cls["t3_baseline"].cls_loss == "ce" and cls["t3_focal"].cls_loss == "focal"
     assert cls["t3_ifm"].contrastive == "none" and cls["t3_acl"].contrastive == "acl"
+    pooled = {n for n in ablation.ROWS
+              if ablation.row_config("demo", n, "/r").model.pooled_intensity}
+    assert pooled == {"t3_pooled"}  # the paper's rows are the paper's model
+    demo, row = load_config("demo"), ablation.row_config("demo", "t3_pooled", "/r")
+    assert row.model == demo.model and row.loss == demo.loss and row.optim == demo.optim
 
 
 def test_ablation_dry_run_commands(ablation, capsys, tmp_path):
@@ -353,15 +359,16 @@ def test_oracle_baseline_separable_cache(oracle, tmp_path):
         np.save(folder / "image.npy", image)
         np.save(folder / "seg.npy", seg)
         np.save(folder / "inst.npy", inst)
-        (folder / "meta.json").write_text("{}")
+        (folder / "meta.json").write_text(json.dumps({"phase_mask": [True] * 4,
+                                                      "spacing": [1.0, 1.0, 1.0]}))
         splits["test" if i >= 32 else "val" if i >= 30 else "train"].append(folder.name)
     (fp / "plan.json").write_text(json.dumps({"fingerprint": "fp", "splits": splits}))
     out = tmp_path / "oracle.md"
     oracle.main(["--cache", str(fp), "--out", str(out)])
     table = out.read_text().splitlines()[-1].strip("| ").split(" | ")
-    # 8 classes + AUC-8, AUC-2, lesion accuracy. Every class and group occurs in the test split
-    # (cases 32-39 hold codes 2-9 twice over), so every AUC is defined and 1.
-    assert [float(v) for v in table] == [1.0] * 11
+    # 8 classes + AUC-8, AUC-2, lesion accuracy, sensitivity, precision. Every class and group
+    # occurs in the test split (cases 32-39 hold codes 2-9 twice over): every AUC is defined, 1.
+    assert table[0] == "true lesion masks" and [float(v) for v in table[1:]] == [1.0] * 13
     # --workdir finds the same cache through the run's config.json (data.cache_dir set).
     work = tmp_path / "work"
     work.mkdir()
@@ -370,3 +377,27 @@ def test_oracle_baseline_separable_cache(oracle, tmp_path):
     out2 = tmp_path / "oracle_workdir.md"
     oracle.main(["--workdir", str(work), "--out", str(out2)])
     assert out2.read_text().splitlines()[-1] == out.read_text().splitlines()[-1]
+
+    # --predicted's rows, with a "model" whose tiles read the class off phase A as planted: its
+    # lesions are the true ones, so the forest and the model both score every figure 1.
+    def tile_fn(tiles, phase_mask):
+        code = np.where(tiles[..., 1] > 1.5, np.clip(np.rint(tiles[..., 1]), 2, 9), 1)
+        return np.eye(10, dtype=np.float32)[code.astype(int)], None
+
+    cache = oracle.preprocessing.Cache(fp)
+    test = [(c, np.load(fp / c / "seg.npy"), np.load(fp / c / "inst.npy"))
+            + oracle.lesion_features(np.load(fp / c / "image.npy"), np.load(fp / c / "seg.npy"),
+                                     np.load(fp / c / "inst.npy")) for c in splits["test"]]
+    train = [oracle.lesion_features(np.load(fp / c / "image.npy"), np.load(fp / c / "seg.npy"),
+                                    np.load(fp / c / "inst.npy")) for c in splits["train"]]
+    forest = oracle.RandomForestClassifier(50, random_state=0).fit(
+        np.concatenate([t[2] for t in train]), np.concatenate([t[1] for t in train]))
+    cfg = load_config("smoke")
+    rows = oracle.predicted_rows(cfg, tile_fn, cache, test,
+                                 lambda x: oracle.forest_probabilities(forest, x, 8),
+                                 list(cfg.data.labels[2:]), cfg)
+    for label, records in rows:
+        s = oracle.metrics.summarize(records, cfg.data.labels[2:], cfg.data.malignant,
+                                     cfg.data.benign)
+        assert [s[k] for k in ("auc8", "auc2", "lesion_accuracy", "lesion_sensitivity",
+                               "lesion_precision")] == [1.0] * 5, label

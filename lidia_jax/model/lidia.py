@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from lidia_jax.model import mask_pooling
 from lidia_jax.model.encoder import Encoder, stage_features
 from lidia_jax.model.fusion import FUSIONS, build_fusion
 from lidia_jax.model.pixel_decoder import FPNPixelDecoder
@@ -56,6 +57,7 @@ class LIDIA(nn.Module):
     remat: bool = False
     conv_impl: str = "auto"
     pooled_intensity: bool = False
+    pooled_intensity_stage: int = 1
 
     def _check(self, image, phase_mask):
         if image.ndim != 5 or image.shape[-1] != 4:
@@ -93,10 +95,15 @@ class LIDIA(nn.Module):
             self.hidden_dim, self.mask_dim, self.num_scales, self.mask_stride_stage,
             self.kernel_sizes, impl=self.conv_impl, dtype=self.dtype,
             name="pixel_decoder")(skips)
+        pooled_image = None
+        if self.pooled_intensity:
+            stride = np.prod(np.asarray(self.strides[:self.pooled_intensity_stage + 1]), axis=0)
+            pooled_image = mask_pooling.pool_image(
+                image, tuple(int(n // s) for n, s in zip(image.shape[1:4], stride)))
         return TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
             self.num_classes, self.mask_dim, self.acl_dim, self.dtype, self.pooled_intensity,
-            name="transformer_decoder")(multi_scale, mask_features, image, phase_mask)
+            name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask)
 
 
 def build_model(model_cfg) -> LIDIA:
@@ -125,4 +132,5 @@ def build_model(model_cfg) -> LIDIA:
         ifm_shared_fuse=bool(get("ifm_shared_fuse", True)),
         dtype=_DTYPES[str(model_cfg.dtype)], remat=bool(model_cfg.remat),
         conv_impl=str(model_cfg.conv_impl),
-        pooled_intensity=bool(get("pooled_intensity", False)))
+        pooled_intensity=bool(get("pooled_intensity", False)),
+        pooled_intensity_stage=int(get("pooled_intensity_stage", 1)))

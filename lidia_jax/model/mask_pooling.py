@@ -7,13 +7,18 @@ model's *predicted* lesion masks classifies 0.67 of its found lesions, the model
 (README, "What it gives today"). Mask pooling (as open-vocabulary segmenters classify a mask by
 pooling features under it) gives the class head those statistics directly:
 
-  w_q(x)   = sigmoid(mask logit of query q), soft core c_q = min-pool_3x3x3(w_q), rim w_q - c_q
+  w_q(x)   = sigmoid(mask logit of query q), resized (trilinear, as the semantic map's masks)
+             to the grid of the statistics; soft core c_q = min-pool_3x3x3(w_q), rim w_q - c_q
   ref_p    = mean of phase p over the predicted liver, weighted by
              sum_q softmax(query logits)_liver * w_q(x) (lesion patterns are defined against the
              same phase's liver: contrast timing shifts every value of a patient together)
   f_q      = per phase p: mean, core mean and rim mean minus ref_p, and the standard deviation,
              all under w_q; log of the mask's soft volume; the 4 phase-present flags
   logits_q = query logits + MLP(f_q)
+
+The grid of the statistics is that of encoder stage config.model.pooled_intensity_stage (0: the
+input's). Rims and cores need it fine: a 20 mm lesion is 5 voxels across on the demo's input grid
+and 2.5 on the masks' (stage 1), where its 3x3x3 core is empty.
 
 The statistics see the model's outputs through stop_gradient: the class loss trains the MLP, the
 mask losses alone train the masks. Zero-initialised last layer: at step 0 the head is
@@ -42,9 +47,12 @@ def pool_image(image, size):
 
 
 def _soft_core(weights):
-    """Soft erosion: min over the 3x3x3 neighbourhood. weights [B, Q, d, h, w] -> same shape."""
-    return -jax.lax.reduce_window(-weights, -jnp.inf, jax.lax.max, (1, 1, 3, 3, 3),
-                                  (1, 1, 1, 1, 1), "SAME")
+    """Soft erosion: min over the 3x3x3 neighbourhood (the image's voxels only), one axis at a
+    time. weights [B, Q, d, h, w] -> same shape."""
+    for axis in (2, 3, 4):
+        window = tuple(3 if a == axis else 1 for a in range(5))
+        weights = jax.lax.reduce_window(weights, jnp.inf, jax.lax.min, window, (1,) * 5, "SAME")
+    return weights
 
 
 def _weighted_mean(weights, image):
@@ -59,11 +67,15 @@ def pooled_statistics(mask_logits, class_logits, image, phase_mask):
 
     Args:
       mask_logits: [B, Q, d, h, w]; class_logits: [B, Q, K+1] (query logits, liver first);
-      image: [B, d, h, w, P] pooled to the mask grid; phase_mask: [B, P] bool.
+      image: [B, d', h', w', P], the input pooled to the statistics' grid (pool_image), to which
+        the masks are resized; phase_mask: [B, P] bool.
     Returns:
       [B, Q, 4 * P + 1 + P] float32, constant with respect to the model's outputs.
     """
-    w = jax.nn.sigmoid(jax.lax.stop_gradient(mask_logits.astype(jnp.float32)))
+    logits = jax.lax.stop_gradient(mask_logits.astype(jnp.float32))
+    if logits.shape[2:] != image.shape[1:4]:
+        logits = jax.image.resize(logits, logits.shape[:2] + image.shape[1:4], method="linear")
+    w = jax.nn.sigmoid(logits)
     liver_prob = jax.nn.softmax(jax.lax.stop_gradient(class_logits), axis=-1)[..., LIVER_CLASS]
     liver = jnp.einsum("bq,bqdhw->bdhw", liver_prob, w)[:, None]
     ref = _weighted_mean(liver, image)  # [B, 1, P]

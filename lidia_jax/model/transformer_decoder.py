@@ -159,8 +159,9 @@ class TransformerDecoder(nn.Module):
 
     multi_scale: list of num_scales maps [B, d_l, h_l, w_l, hidden_dim], coarsest first.
     mask_features: [B, D, H, W, mask_dim].
-    image [B, D', H', W', P], phase_mask [B, P]: the network's input, needed (only) with
-      pooled_intensity, which adds mask_pooling's class-logit term to every prediction.
+    image [B, D', H', W', P], phase_mask [B, P]: the input on the grid of mask_pooling's
+      statistics (mask_pooling.pool_image), needed (only) with pooled_intensity, which adds
+      mask_pooling's class-logit term to every prediction.
     Returns dict (all float32):
       logits [L+1, B, Q, K+1], masks [L+1, B, Q, D, H, W], embed [L+1, B, Q, acl_dim]
     index 0 from the learnable queries before the first layer, -1 the final prediction.
@@ -205,7 +206,6 @@ class TransformerDecoder(nn.Module):
         if self.pooled_intensity:
             if image is None or phase_mask is None:
                 raise ValueError("TransformerDecoder: pooled_intensity needs image and phase_mask")
-            pooled_image = mask_pooling.pool_image(image, mask_features.shape[1:4])
             pooled_head = mask_pooling.PooledIntensityLogits(self.num_classes,
                                                              name="pooled_intensity")
 
@@ -213,7 +213,7 @@ class TransformerDecoder(nn.Module):
             logits, masks, z = heads(out, mask_features)
             if self.pooled_intensity:
                 logits = logits + pooled_head(mask_pooling.pooled_statistics(
-                    masks, logits, pooled_image, phase_mask))
+                    masks, logits, image, phase_mask))
             preds.append((logits, masks, z))
             return attention_mask(masks, next_size)
 
