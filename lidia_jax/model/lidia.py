@@ -31,6 +31,8 @@ class LIDIA(nn.Module):
                            "embed" [L+1, B, Q, E]}, (d, h, w) = encoder stage mask_stride_stage
       head "per_voxel":   {"seg_logits" [B, D, H, W, 10], "seg_logits_ds" (coarser levels,
                            finest first)}
+    pooled_intensity adds mask_pooling's class logits (the input pooled under each query's
+    mask on the grid of encoder stage pooled_intensity_stage) to every Mask2Former prediction.
     All outputs float32 whatever `dtype`. `train` is accepted for the interface; the network has
     no dropout and no batch statistics (instance norm), so train and eval are the same function.
     """
