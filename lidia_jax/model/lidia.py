@@ -98,10 +98,9 @@ class LIDIA(nn.Module):
             self.kernel_sizes, impl=self.conv_impl, dtype=self.dtype,
             name="pixel_decoder")(skips)
         pooled_image = None
-        if self.pooled_intensity:
-            stride = np.prod(np.asarray(self.strides[:self.pooled_intensity_stage + 1]), axis=0)
+        if self.pooled_intensity:  # the statistics' grid is that stage's features' grid
             pooled_image = mask_pooling.pool_image(
-                image, tuple(int(n // s) for n, s in zip(image.shape[1:4], stride)))
+                image, skips[self.pooled_intensity_stage].shape[1:4])
         return TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
             self.num_classes, self.mask_dim, self.acl_dim, self.dtype, self.pooled_intensity,
