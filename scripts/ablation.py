@@ -22,7 +22,7 @@ Rows (paper section 4):
     t3_baseline (early fusion, CE, volume score, no contrastive loss, no SAM), t3_focal
     (+focal loss), t3_livermax (+LiverMax), t3_ifm (+IFM), t3_acl (+ACL), t3_sam (+SAM = LIDIA);
     all without this project's mask-pooled intensity logits (pooled=0). Beyond the paper:
-    t3_pooled, t3_acl with them (pooled=1): the demo config.
+    t3_pooled, t3_acl with them (pooled=1) and cross-entropy: the demo config.
   delayed: LIDIA (t3_sam's checkpoint) evaluated on the same test cases with the delayed
     phase removed from every case (D channel zeroed, phase_mask[3] False); the table gives the
     per-class AUC with D, without D and the difference.
@@ -68,7 +68,8 @@ Row = collections.namedtuple("Row", "table label overrides source", defaults=(No
 _T2 = ("head=per_voxel", "patient_score=volume", "sam=0", "contrastive=none", "lr=1e-2",
        "pooled=0")
 # The paper's Mask2Former rows leave out this project's mask-pooled intensity logits (on in the
-# demo config); t3_pooled adds them to t3_acl, which makes it the demo config itself.
+# demo config); t3_pooled adds them to t3_acl, with the demo's cross-entropy class loss, which
+# makes it the demo config itself.
 _T3 = ("head=mask2former", "delayed=1", "pooled=0")
 ROWS = collections.OrderedDict([
     ("t2_early", Row(2, "Baseline nnU-Net (early fusion, no delayed phase)",
@@ -92,8 +93,8 @@ ROWS = collections.OrderedDict([
     ("t3_sam", Row(3, "+SAM (LIDIA)", _T3 + ("fusion=ifm", "cls_loss=focal",
                                              "patient_score=livermax", "contrastive=acl",
                                              "sam=1"))),
-    ("t3_pooled", Row(3, "t3_acl + mask-pooled intensity logits (not in the paper; the demo)",
-                      ("head=mask2former", "delayed=1", "fusion=ifm", "cls_loss=focal",
+    ("t3_pooled", Row(3, "t3_acl + mask-pooled intensity logits, CE (not in the paper; the demo)",
+                      ("head=mask2former", "delayed=1", "fusion=ifm", "cls_loss=ce",
                        "patient_score=livermax", "contrastive=acl", "sam=0", "pooled=1"))),
 ])
 DELAYED = "delayed"  # LIDIA without the delayed phase at test time

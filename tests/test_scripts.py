@@ -104,6 +104,7 @@ def test_ablation_rows_are_valid_configs(ablation):
         assert c.data.root == "/tmp/r/data/synthetic"
     cls = {n: ablation.row_config("smoke", n, "/r").loss for n in ablation.ROWS}
     assert cls["t3_baseline"].cls_loss == "ce" and cls["t3_focal"].cls_loss == "focal"
+    assert cls["t3_acl"].cls_loss == "focal" and cls["t3_pooled"].cls_loss == "ce"
     assert cls["t3_ifm"].contrastive == "none" and cls["t3_acl"].contrastive == "acl"
     pooled = {n for n in ablation.ROWS
               if ablation.row_config("demo", n, "/r").model.pooled_intensity}
