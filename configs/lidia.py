@@ -74,7 +74,9 @@ def _paper():
   c.input.fg_jitter = 0.25
   # How a lesion-centred patch picks its lesion voxel: "voxel" uniform over lesion voxels
   # (nnU-Net/PLAN: large lesions dominate), "instance" a lesion first, "class" a lesion class
-  # present in the case first (rare and small classes are seen as often as large ones).
+  # present in the case first (rare and small classes are seen as often as large ones), "cohort"
+  # the case drawn for a lesion class, every class of the training split equally often
+  # (data/pipeline.py, class_balanced_order).
   c.input.fg_balance = "voxel"
   c.input.read_threads = 1
   c.input.aug = ml_collections.ConfigDict()
@@ -194,6 +196,8 @@ def _paper():
   c.inference.mirror_axes = ()  # e.g. (0, 1, 2) for mirroring TTA
   c.inference.patient_score = "livermax"  # livermax | volume | query_max
   c.inference.min_lesion_volume_mm3 = 25.0  # PLAN post-processing
+  # {class name: mm^3}: other minimum volumes for classes known to be small (inference/diagnose)
+  c.inference.min_lesion_volume_by_class = ml_collections.ConfigDict()
   c.inference.max_liver_distance_mm = 3.0
   # best (validation AUC-8) | latest. nnU-Net and Mask2Former test their final weights; on the
   # demo's 11 validation cases "best" was noise, and the last checkpoint beat it on the test
@@ -263,9 +267,11 @@ def _demo(c):
   c.train.checkpoint_every = 600
   c.train.eval_max_cases = -1  # all 11 validation cases pick the best checkpoint
   c.inference.tile_batch = 4
-  # The demo cohort's smallest lesions are 20 mm across (~4,000 mm^3): a predicted component
-  # below ~10 mm (500 mm^3, 6 voxels of 5x4x4 mm) is noise, not a lesion.
+  # The demo cohort's lesions are 20 mm across or more (~4,000 mm^3), except calcifications
+  # (8-14 mm, 270-1,400 mm^3): a component below ~10 mm (500 mm^3, 6 voxels of 5x4x4 mm) is
+  # noise unless it is a calcification, which needs only two voxels.
   c.inference.min_lesion_volume_mm3 = 500.0
+  c.inference.min_lesion_volume_by_class = ml_collections.ConfigDict({"calc": 100.0})
   return c
 
 

@@ -146,6 +146,32 @@ def test_sample_patch_start_lesion_balance(balance):
         patches._pick_lesion_voxel(locs, "size", rng)
 
 
+def test_focus_class_decides_the_lesion_under_cohort_balance():
+    """"cohort": the case's focus class when it has it, otherwise as "class"."""
+    sizes, codes = [60, 10, 5], [2, 7, 7]
+    ids = np.repeat(np.arange(1, 4), sizes).astype(np.int32)
+    locs = {"lesion": np.zeros((len(ids), 3), np.int32), "lesion_instance": ids,
+            "lesion_class": np.repeat(codes, sizes).astype(np.int32)}
+    rng = np.random.default_rng(7)
+    picks = [patches._pick_lesion_voxel(locs, "cohort", rng, focus=7) for _ in range(400)]
+    assert set(ids[picks]) == {2, 3}
+    picks = [patches._pick_lesion_voxel(locs, "cohort", rng, focus=5) for _ in range(400)]
+    assert abs(np.mean(ids[picks] == 1) - 0.5) < 0.1  # focus absent: each class half the time
+
+
+def test_class_balanced_order_draws_every_class_equally_often():
+    """Against a plain count: 5 cases, classes {2}, {2, 7}, {7}, {}, {2}; every case at least
+    once, every group (2, 7, no lesion) the same number of slots, each slot's focus held by its
+    case."""
+    classes = [[2], [2, 7], [7], [], [2]]
+    order = pipeline.class_balanced_order(classes)
+    focus = [f for _, f in order]
+    assert focus.count(2) == focus.count(7) == focus.count(None) == 3  # the largest group: 3
+    assert {i for i, _ in order} == set(range(5))
+    for i, f in order:
+        assert (f in classes[i]) if f is not None else not classes[i]
+
+
 def test_pipeline_class_balance_reads_instances_from_the_cache(cache):
     """CaseSource gives each lesion location its instance id and code; with fg_prob 1 the
     class-balanced pipeline puts a lesion in every patch of a case that has one."""
@@ -161,6 +187,18 @@ def test_pipeline_class_balance_reads_instances_from_the_cache(cache):
     it = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1)
     for batch in _take(it, 2 * N_TRAIN):  # every case but case 1 (no lesion) gives a lesion
         index = int(round(float(batch["image"][0, 0, 0, 0, 0])))  # NC channel = case index
+        assert (batch["semantic"] >= 2).any() == (index != 1), index
+    config.input.fg_balance = "cohort"  # one epoch of class_balanced_order
+    classes = pipeline.case_lesion_classes(cache, pipeline.split_cases(cache, "train"))
+    order = pipeline.class_balanced_order(classes)
+    assert len(pipeline.make_train_dataset(cache, config, process_index=0, process_count=1)) > 0
+    source = pipeline.CaseSource(cache, "train", order=order)
+    assert len(source) == len(order)
+    for k in range(len(order)):
+        assert source[k].focus == order[k][1] and source[k].name == source.names[order[k][0]]
+    it = pipeline.make_train_iterator(cache, config, process_index=0, process_count=1)
+    for batch in _take(it, len(order)):  # fg_prob 1: a lesion wherever the case has one
+        index = int(round(float(batch["image"][0, 0, 0, 0, 0])))
         assert (batch["semantic"] >= 2).any() == (index != 1), index
     config.input.fg_balance = "largest"
     with pytest.raises(ValueError, match="fg_balance"):

@@ -122,3 +122,31 @@ def test_max_diameter_of_a_large_ball_uses_the_hull():
     geom = {"spacing": (1.0, 1.0, 1.0), "origin": (0, 0, 0), "direction": tuple(np.eye(3).ravel())}
     out = pp.measure_lesions(inst, geom)
     assert out[1]["max_diameter_mm"] == pytest.approx(20.0)  # poles (10, 10, 0)-(10, 10, 20)
+
+
+def test_minimum_volume_per_class():
+    """A per-class minimum applies to the class the lesion takes: a small calcification stays
+    while a meta of the same size goes."""
+    labels = np.zeros((8, 8, 16), np.uint8)
+    labels[1:7, 1:7, 1:15] = 1
+    labels[2:4, 2:4, 2:4] = 8  # calc, 8 voxels
+    labels[2:4, 2:4, 10:12] = 4  # meta, 8 voxels
+    minimum = np.full(8, 20.0)
+    minimum[8 - 2] = 5.0
+    res = pp.postprocess(labels, _one_hot(labels), (1, 1, 1), minimum, 3.0)
+    assert [l["label"] for l in res.lesions] == [8]
+    assert res.seg[3, 3, 11] == 1  # the meta became liver
+    res = pp.postprocess(labels, _one_hot(labels), (1, 1, 1), 5.0, 3.0)
+    assert sorted(l["label"] for l in res.lesions) == [4, 8]
+
+
+def test_min_lesion_volumes_from_the_config():
+    from conftest import load_config
+    from lidia_jax.inference import diagnose
+
+    config = load_config("demo")
+    volumes = diagnose.min_lesion_volumes(config)
+    assert volumes.tolist() == [500.0] * 6 + [100.0, 500.0]  # HCC..cyst, calc, others
+    config.inference.min_lesion_volume_by_class = {"calcification": 1.0}
+    with pytest.raises(ValueError, match="calcification"):
+        diagnose.min_lesion_volumes(config)

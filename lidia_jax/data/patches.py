@@ -28,7 +28,7 @@ def start_range(shape: Sequence[int], patch_size: Sequence[int]) -> Tuple[np.nda
     return np.minimum(0, shape - patch), np.maximum(0, shape - patch)
 
 
-BALANCES = ("voxel", "instance", "class")
+BALANCES = ("voxel", "instance", "class", "cohort")
 
 
 def check_balance(balance: str) -> str:
@@ -39,21 +39,25 @@ def check_balance(balance: str) -> str:
 
 
 def _pick_lesion_voxel(fg_locations: Mapping[str, np.ndarray], balance: str,
-                       rng: np.random.Generator) -> int:
+                       rng: np.random.Generator, focus: Optional[int] = None) -> int:
     """Index into fg_locations["lesion"] of the voxel a lesion-centred patch is built around.
 
     balance "voxel": uniform over lesion voxels (large lesions dominate); "instance": a lesion
     uniformly, then one of its voxels; "class": a lesion class present in the case uniformly,
-    then a lesion of that class, then a voxel. Needs "lesion_instance" / "lesion_class" (int [N],
-    instance id and label code per location) for the last two.
+    then a lesion of that class, then a voxel; "cohort": as "class", but the class is `focus`
+    (the class the case was drawn for, pipeline.class_balanced_order) when the case has it.
+    Needs "lesion_instance" / "lesion_class" (int [N], instance id and label code per location)
+    for all but "voxel".
     """
     if check_balance(balance) == "voxel":
         return int(rng.integers(len(fg_locations[LESION])))
     ids = np.asarray(fg_locations["lesion_instance"])
-    if balance == "class":
+    if balance in ("class", "cohort"):
         codes = np.asarray(fg_locations["lesion_class"])
         present = np.unique(codes)
-        chosen = present[rng.integers(len(present))]
+        chosen = present[rng.integers(len(present))]  # drawn always: the same stream layout
+        if balance == "cohort" and focus is not None and focus in present:
+            chosen = focus
         ids = np.where(codes == chosen, ids, -1)
     instances = np.unique(ids[ids >= 0])
     candidates = np.flatnonzero(ids == instances[rng.integers(len(instances))])
@@ -68,6 +72,7 @@ def sample_patch_start(
     jitter: float,
     rng: np.random.Generator,
     balance: str = "voxel",
+    focus: Optional[int] = None,
 ) -> Tuple[np.ndarray, str]:
     """Draws the lower corner of one training patch.
 
@@ -81,6 +86,7 @@ def sample_patch_start(
         forced lesion voxel lies in the central part of the patch, not always at its centre.
       rng: per-record generator (grain random_map), for determinism.
       balance: how the lesion voxel is chosen (config.input.fg_balance, _pick_lesion_voxel).
+      focus: label code of the lesion class to centre on ("cohort" balance), or None.
 
     Returns:
       (start int64 [3], kind) with kind in {"random", "lesion", "liver"}; "random" is returned when
@@ -95,7 +101,7 @@ def sample_patch_start(
         for kind in (LESION, LIVER):
             locs = fg_locations.get(kind)
             if locs is not None and len(locs):
-                pick = (_pick_lesion_voxel(fg_locations, balance, rng) if kind == LESION
+                pick = (_pick_lesion_voxel(fg_locations, balance, rng, focus) if kind == LESION
                         else rng.integers(len(locs)))
                 voxel = np.asarray(locs[pick], np.int64)
                 max_shift = np.floor(jitter * patch).astype(np.int64)

@@ -7,6 +7,8 @@ with memory maps, so a worker reads only the blocks its patches touch.
 Pipeline (grain.MapDataset, every step a pure function of the element index):
   source(cases) -> seed -> shuffle (per epoch) -> repeat -> random_map(sample + augment + targets)
   -> shard [p::P] -> batch(local) -> to_iter_dataset -> mp_prefetch(num_workers)
+(with config.input.fg_balance "cohort" the source's epoch is class_balanced_order's, not the
+cases once each).
 The random patch of global element i is drawn from a generator seeded by (seed, i), and the global
 batch of step k is elements [k B, (k + 1) B) whatever the process count; process p holds the
 elements p, p + P, ... of it. Batches are formed before the worker split, so the stream is the same
@@ -18,7 +20,7 @@ import dataclasses
 import json
 import logging
 import pathlib
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import grain
 import numpy as np
@@ -91,6 +93,7 @@ class Case:
     fg_locations: Dict[str, np.ndarray]
     code_table: np.ndarray
     meta: Dict[str, Any]
+    focus: Optional[int] = None  # lesion class the case was drawn for ("cohort" balance)
 
     @property
     def shape(self):
@@ -144,32 +147,69 @@ def load_case(cache_dir: PathLike, name: str, require_labels: bool = False) -> C
                 code_table=patches.instance_code_table(instance_classes, max_id), meta=meta)
 
 
+def class_balanced_order(case_classes: Sequence[Sequence[int]]) -> List[Tuple[int, Optional[int]]]:
+    """One epoch of (case index, focus class) in which every lesion class is drawn equally often.
+
+    Cases are grouped by the lesion classes they hold (a case with several classes is in several
+    groups; cases without lesions form one more group, focus None). Every group fills M slots, M
+    the largest group's size, cycling through its cases, so each case appears at least once and a
+    class held by 3 cases is drawn as often as one held by 28 (long-tail resampling, as LVIS's
+    repeat-factor sampling, taken to equal class frequencies).
+
+    Args:
+      case_classes: per case, the label codes of its lesions.
+    """
+    groups: Dict[Optional[int], List[int]] = {}
+    for index, classes in enumerate(case_classes):
+        for code in sorted(set(int(c) for c in classes)) or [None]:
+            groups.setdefault(code, []).append(index)
+    slots = max(len(cases) for cases in groups.values())
+    keys = sorted(groups, key=lambda k: (k is None, k if k is not None else 0))
+    return [(groups[k][j % len(groups[k])], k) for k in keys for j in range(slots)]
+
+
+def case_lesion_classes(cache_dir: PathLike, names: Sequence[str]) -> List[List[int]]:
+    """Label codes of each case's lesions, from meta.json "instance_classes"."""
+    cache = resolve_cache_dir(cache_dir)
+    out = []
+    for name in names:
+        meta = json.loads((cache / name / "meta.json").read_text())
+        out.append(sorted({int(c) for c in (meta.get("instance_classes") or {}).values()}))
+    return out
+
+
 class CaseSource:
     """grain random-access source over the cases of one split.
 
     Items are `Case`s with lazily opened memory maps, cached per process. The cache is dropped on
     pickling, so the source travels to grain worker processes as just a path and a list of names.
+    With `order` (class_balanced_order) the items are that epoch's cases, each with its focus class.
     """
 
-    def __init__(self, cache_dir: PathLike, split: str = "train", require_labels: bool = True):
+    def __init__(self, cache_dir: PathLike, split: str = "train", require_labels: bool = True,
+                 order: Optional[Sequence[Tuple[int, Optional[int]]]] = None):
         self._cache = resolve_cache_dir(cache_dir)
         self._names = split_cases(self._cache, split)
         if not self._names:
             raise ValueError(f"Split {split!r} of {self._cache / 'plan.json'} is empty.")
         self._split = split
         self._require_labels = require_labels
+        self._order = None if order is None else [(int(i), c) for i, c in order]
         self._opened: Dict[int, Case] = {}
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._names) if self._order is None else len(self._order)
 
     def __getitem__(self, index: int) -> Case:
+        focus = None
+        if self._order is not None:
+            index, focus = self._order[int(index) % len(self._order)]
         index = int(index) % len(self._names)
         case = self._opened.get(index)
         if case is None:
             case = load_case(self._cache, self._names[index], self._require_labels)
             self._opened[index] = case
-        return case
+        return case if focus is None else dataclasses.replace(case, focus=focus)
 
     @property
     def names(self) -> List[str]:
@@ -203,7 +243,8 @@ class SamplePatch(grain.transforms.RandomMap):
 
     def random_map(self, case: Case, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         start, _ = patches.sample_patch_start(case.shape, self.patch_size, case.fg_locations,
-                                              self.fg_prob, self.jitter, rng, self.balance)
+                                              self.fg_prob, self.jitter, rng, self.balance,
+                                              case.focus)
         phase_mask = case.phase_mask.copy()
         matrix = shifts = None
         if self.augment:
@@ -269,7 +310,10 @@ def make_train_dataset(cache_dir: PathLike, config, split: str = "train",
         raise ValueError(f"config.input.batch_size={global_batch} is not divisible by the "
                          f"{process_count} processes.")
     seed = int(config.seed if seed is None else seed)
-    ds = (grain.MapDataset.source(CaseSource(cache_dir, split, require_labels=True))
+    order = None
+    if patches.check_balance(str(config.input.get("fg_balance", "voxel"))) == "cohort":
+        order = class_balanced_order(case_lesion_classes(cache_dir, split_cases(cache_dir, split)))
+    ds = (grain.MapDataset.source(CaseSource(cache_dir, split, require_labels=True, order=order))
           .seed(seed)
           .shuffle()
           .repeat()

@@ -43,6 +43,19 @@ def argmax_labels(probs: np.ndarray, slab: int = 16) -> np.ndarray:
     return out
 
 
+def min_lesion_volumes(config) -> np.ndarray:
+    """[8] minimum volume (mm^3) per lesion class: config.inference.min_lesion_volume_mm3,
+    except the classes named in config.inference.min_lesion_volume_by_class."""
+    by_class = dict(config.inference.get("min_lesion_volume_by_class", {}))
+    names = lesion_names(config)
+    unknown = sorted(set(by_class) - set(names))
+    if unknown:
+        raise ValueError(f"config.inference.min_lesion_volume_by_class: unknown classes {unknown}; "
+                         f"lesion classes are {names}")
+    return np.array([float(by_class.get(n, config.inference.min_lesion_volume_mm3))
+                     for n in names])
+
+
 def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Callable,
                     spacing: Sequence[float], config) -> Diagnosis:
     """Sliding window + post-processing + patient score for one preprocessed case.
@@ -62,7 +75,7 @@ def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Call
         out_dtype=np.dtype(inf.get("probs_dtype", "float16")))
     t1 = time.perf_counter()
     labels = argmax_labels(res.probs)
-    pp = postprocess_lib.postprocess(labels, res.probs, spacing, inf.min_lesion_volume_mm3,
+    pp = postprocess_lib.postprocess(labels, res.probs, spacing, min_lesion_volumes(config),
                                      inf.max_liver_distance_mm)
     del labels
     t2 = time.perf_counter()

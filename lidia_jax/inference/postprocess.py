@@ -5,11 +5,13 @@
 2. Lesion instances are the 26-connected components of the lesion foreground (label >= 2, all
    lesion classes together), so adjacent voxels of two classes form one lesion.
 3. A lesion farther than `max_liver_distance_mm` from the liver (physical distance from its
-   nearest voxel centre to the nearest liver voxel centre) is dropped to background; a lesion
-   smaller than `min_lesion_volume_mm3` is dropped (to liver inside the liver, else background).
-4. Each kept lesion takes ONE class: the lesion class with the highest mean probability over its
+   nearest voxel centre to the nearest liver voxel centre) is dropped to background.
+4. Each lesion takes ONE class: the lesion class with the highest mean probability over its
    voxels. Its `class_probabilities` are those means (one per lesion class, not renormalised, so
    they also carry the lesion-vs-liver confidence) and its `score` is the mean for its class.
+   A lesion smaller than the minimum volume of its class is dropped (to liver inside the liver,
+   else background): one minimum for all classes, or one per class where a class is known to be
+   small (calcifications).
 5. Lesions are numbered 1..K by decreasing volume (ties: scan order).
 
 This is also our instance inference: the Mask2Former instance route (top queries by class score x
@@ -23,7 +25,7 @@ between two voxel centres of the lesion) on the grid the instance map is written
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 from scipy import ndimage
@@ -48,15 +50,17 @@ def _bbox_slices(mask: np.ndarray, margin: Sequence[int]):
 
 
 def postprocess(labels: np.ndarray, probs: np.ndarray, spacing: Sequence[float],
-                min_lesion_volume_mm3: float, max_liver_distance_mm: float,
-                num_codes: int = 10) -> PostprocessResult:
+                min_lesion_volume_mm3: Union[float, Sequence[float]],
+                max_liver_distance_mm: float, num_codes: int = 10) -> PostprocessResult:
     """Cleans an argmax label map and extracts scored lesions.
 
     Args:
       labels: [D, H, W] int label codes (argmax of probs, or any label map on the same grid).
       probs: [D, H, W, num_codes] per-voxel probabilities over label codes (float16 is fine).
       spacing: (z, y, x) voxel size in mm of this grid.
-      min_lesion_volume_mm3, max_liver_distance_mm: config.inference thresholds.
+      min_lesion_volume_mm3: one minimum for every lesion, or [num_codes - 2], one per lesion
+        class (codes 2..), applied to the class the lesion takes (rule 4).
+      max_liver_distance_mm: config.inference threshold.
     Returns:
       PostprocessResult (see the module docstring for the rules).
     """
@@ -111,15 +115,17 @@ def postprocess(labels: np.ndarray, probs: np.ndarray, spacing: Sequence[float],
             sums[:, c] += np.bincount(ids, weights=p[:, c], minlength=k + 1)
     means = sums[1:] / counts[:, None]
 
-    keep = (np.asarray(min_dist) <= max_liver_distance_mm) & (counts * voxel_mm3
-                                                              >= min_lesion_volume_mm3)
+    codes = np.argmax(means, axis=1) + 2
+    min_volume = np.broadcast_to(np.asarray(min_lesion_volume_mm3, float), (num_codes - 2,))
+    keep = ((np.asarray(min_dist) <= max_liver_distance_mm)
+            & (counts * voxel_mm3 >= min_volume[codes - 2]))
     kept = [i for i in np.argsort(-counts, kind="stable") if keep[i]]
     lesions = []
     objects = ndimage.find_objects(lcc)
     for new_id, i in enumerate(kept, start=1):
         sl = objects[i]
         comp = lcc[sl] == i + 1
-        code = int(np.argmax(means[i])) + 2
+        code = int(codes[i])
         seg[sl][comp] = code
         instances[sl][comp] = new_id
         lesions.append({"id": new_id, "label": code, "class_probabilities": means[i].astype(float),
