@@ -268,7 +268,7 @@ def _demo(c):
   c.train.eval_max_cases = -1  # all 11 validation cases (monitoring: the test takes the latest)
   c.inference.tile_batch = 4
   # Tiles a quarter patch apart (nnU-Net: half): on four trained demo models, AUC-2 +0.01 to +0.03
-  # and lesion precision +0.01 to +0.09, for about 2.2x the tiles (README).
+  # and lesion precision +0.01 to +0.09, for about 2.5x the tiles (README).
   c.inference.overlap = 0.75
   # The demo cohort's lesions are 20 mm across or more (~4,000 mm^3), except calcifications
   # (8-14 mm, 270-1,400 mm^3): a component below ~10 mm (500 mm^3, 6 voxels of 5x4x4 mm) is
