@@ -25,6 +25,7 @@ from lidia_jax.data import pipeline
 from lidia_jax.data import preprocessing
 from lidia_jax.data import synthetic
 from lidia_jax.evaluation import evaluate as evaluate_lib
+from lidia_jax.inference import diagnose as diagnose_lib
 from lidia_jax.model import conv as conv_lib
 from lidia_jax.train import checkpoint as ckpt
 from lidia_jax.train import optimizer as optimizer_lib
@@ -173,7 +174,9 @@ def train_and_evaluate(config, workdir, log=print):
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *_: None)
-    ckpt.check_which(config.inference.checkpoint)  # before hours of training, not after
+    # Inference settings the first validation would reject: before hours of training, not after.
+    ckpt.check_which(config.inference.checkpoint)
+    diagnose_lib.min_lesion_volumes(config)
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
