@@ -195,6 +195,9 @@ def _paper():
   c.inference.tile_batch = 2
   c.inference.mirror_axes = ()  # e.g. (0, 1, 2) for mirroring TTA
   c.inference.patient_score = "livermax"  # livermax | volume | query_max
+  # none (Mask2Former's sum over queries) | objectness (each query's term times its 1 - P(no
+  # object); inference/semantic.py). Not in the paper; measured in README, "Query weighting".
+  c.inference.query_weighting = "none"
   c.inference.min_lesion_volume_mm3 = 25.0  # PLAN post-processing
   # {class name: mm^3}: other minimum volumes for classes known to be small (inference/diagnose)
   c.inference.min_lesion_volume_by_class = ml_collections.ConfigDict()
@@ -263,7 +266,9 @@ def _demo(c):
   c.train.epochs = 1
   c.train.steps_per_epoch = 2400
   c.train.log_every = 25
-  c.train.eval_every = 1200
+  # One validation, at the end (monitoring only): a mid-run one cost ~50 s of the half hour, and
+  # on a slower day this VM took 28 min for the demo (README).
+  c.train.eval_every = 2400
   c.train.checkpoint_every = 600
   c.train.eval_max_cases = -1  # all 11 validation cases (monitoring: the test takes the latest)
   c.inference.tile_batch = 4

@@ -175,22 +175,46 @@ def _resize_linear_np(x, axis, size):
             + np.take(x, hi, axis) * frac.reshape(shape))
 
 
-def test_mask2former_semantic_matches_numpy():
+@pytest.mark.parametrize("weighting", ["none", "objectness"])
+def test_mask2former_semantic_matches_numpy(weighting):
     rng = np.random.default_rng(5)
     b, q, k = 2, 5, 9
     logits = rng.normal(size=(b, q, k + 1)).astype(np.float32)
     masks = rng.normal(size=(b, q, 2, 3, 4)).astype(np.float32) * 3
     tile = (4, 6, 8)
     scores, mask_probs = semantic.mask2former_semantic(jnp.asarray(logits), jnp.asarray(masks),
-                                                       tile)
+                                                       tile, weighting)
     up = masks
     for axis, size in zip((2, 3, 4), tile):
         up = _resize_linear_np(up, axis, size)
     cls = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    expected = np.einsum("bqc,bqdhw->bdhwc", cls[..., :-1], 1 / (1 + np.exp(-up)))
+    weights = cls[..., :-1]
+    if weighting == "objectness":  # a naive loop over queries: term times 1 - P(no object)
+        weights = np.stack([[cls[i, j, :-1] * (1 - cls[i, j, -1]) for j in range(q)]
+                            for i in range(b)])
+    expected = np.einsum("bqc,bqdhw->bdhwc", weights, 1 / (1 + np.exp(-up)))
     np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(mask_probs), 1 / (1 + np.exp(-up)), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_objectness_weighting_silences_half_sure_queries_only():
+    """Two queries split P(meta) with P(no object) 0.5 and add up to a confident lesion under the
+    plain sum; with objectness weighting they count half. A sure query is barely changed."""
+    k = 9
+    meta = 3  # query class index of "meta" (0 is the liver)
+    logits = np.full((1, 3, k + 1), -20.0, np.float32)
+    logits[0, :2, meta] = logits[0, :2, k] = 0.0  # P(meta) = P(no object) = 0.5
+    logits[0, 2, 0] = 20.0  # a sure liver query
+    masks = np.full((1, 3, 1, 1, 1), 20.0, np.float32)  # every mask covers the voxel
+    plain, _ = semantic.mask2former_semantic(jnp.asarray(logits), jnp.asarray(masks), (1, 1, 1))
+    weighted, _ = semantic.mask2former_semantic(jnp.asarray(logits), jnp.asarray(masks),
+                                                (1, 1, 1), "objectness")
+    np.testing.assert_allclose(float(plain[0, 0, 0, 0, meta]), 1.0, atol=1e-4)
+    np.testing.assert_allclose(float(weighted[0, 0, 0, 0, meta]), 0.5, atol=1e-4)
+    np.testing.assert_allclose(float(weighted[0, 0, 0, 0, 0]), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="query_weighting"):
+        semantic.mask2former_semantic(jnp.asarray(logits), jnp.asarray(masks), (1, 1, 1), "max")
 
 
 def test_label_probabilities_hand_values_and_simplex():

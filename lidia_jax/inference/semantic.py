@@ -19,6 +19,12 @@ probability in [0, 1]. P(lesion) is the strongest lesion class score, not their 
 queries, many weak lesion scores would otherwise add up to a confident lesion everywhere the
 model is unsure (seen on an undertrained demo model: one "lesion" covering the liver).
 
+Query weighting (config.inference.query_weighting): "none" is the sum above (Mask2Former, PLAN);
+"objectness" weights each query's term by its probability of being an object,
+  s_c(v) = sum_q (1 - p_q(no object)) softmax(logits_q)[c] sigmoid(mask_q(v)),
+which damps the half-sure queries whose overlapping, untrained masks otherwise add up to false
+lesions on parenchyma (README, "Query weighting"); a confident query is almost unchanged.
+
 Per-voxel head: softmax of seg_logits over the 10 label codes.
 """
 
@@ -35,17 +41,28 @@ from lidia_jax.model import conv as conv_lib
 _EPS = 1e-6
 
 
-def mask2former_semantic(class_logits, mask_logits, tile_shape: Sequence[int]):
+QUERY_WEIGHTINGS = ("none", "objectness")
+
+
+def mask2former_semantic(class_logits, mask_logits, tile_shape: Sequence[int],
+                         query_weighting: str = "none"):
     """Mask2Former semantic scores on a tile.
 
     Args:
       class_logits: [B, Q, K+1] (last = no-object).
       mask_logits: [B, Q, d, h, w] at mask_features resolution.
       tile_shape: (pz, py, px) to resize the masks to.
+      query_weighting: "none" or "objectness" (module docstring).
     Returns:
       scores [B, pz, py, px, K] float32, mask_probs [B, Q, pz, py, px] float32.
     """
-    cls = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[..., :-1]
+    if query_weighting not in QUERY_WEIGHTINGS:
+        raise ValueError(f"query_weighting {query_weighting!r}; expected one of "
+                         f"{QUERY_WEIGHTINGS}")
+    probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
+    cls = probs[..., :-1]
+    if query_weighting == "objectness":
+        cls = cls * (1.0 - probs[..., -1:])
     b, q = mask_logits.shape[:2]
     masks = mask_logits.astype(jnp.float32)
     if tuple(masks.shape[2:]) != tuple(tile_shape):
@@ -91,14 +108,15 @@ def query_liver_scores(class_logits, mask_probs, liver_region):
     return score.max(axis=1)
 
 
-def outputs_to_probs(outputs, head: str, tile_shape: Sequence[int]):
+def outputs_to_probs(outputs, head: str, tile_shape: Sequence[int],
+                     query_weighting: str = "none"):
     """Model outputs on tiles -> (probs [B, pz, py, px, 10], aux [B, K] or None)."""
     if head == "per_voxel":
         return jax.nn.softmax(outputs["seg_logits"].astype(jnp.float32), axis=-1), None
     if head != "mask2former":
         raise ValueError(f"unknown head {head!r}")
     logits, masks = outputs["logits"][-1], outputs["masks"][-1]
-    scores, mask_probs = mask2former_semantic(logits, masks, tile_shape)
+    scores, mask_probs = mask2former_semantic(logits, masks, tile_shape, query_weighting)
     probs = label_probabilities(scores)
     aux = query_liver_scores(logits, mask_probs, probs[..., 0] < 0.5)
     return probs, aux
@@ -113,12 +131,14 @@ def mirror_combinations(mirror_axes: Sequence[int]):
     return [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def _predict_tiles(variables, tiles, phase_mask, *, apply_fn, head, tile_shape, mirror_axes):
+def _predict_tiles(variables, tiles, phase_mask, *, apply_fn, head, tile_shape, mirror_axes,
+                   query_weighting):
     probs_sum, aux_max = None, None
     flips = [()] + mirror_combinations(mirror_axes)
     for axes in flips:
         x = jnp.flip(tiles, axes) if axes else tiles
-        probs, aux = outputs_to_probs(apply_fn(variables, x, phase_mask), head, tile_shape)
+        probs, aux = outputs_to_probs(apply_fn(variables, x, phase_mask), head, tile_shape,
+                                      query_weighting)
         probs = jnp.flip(probs, axes) if axes else probs
         probs_sum = probs if probs_sum is None else probs_sum + probs
         if aux is not None:
@@ -131,25 +151,32 @@ def _predict_tiles(variables, tiles, phase_mask, *, apply_fn, head, tile_shape, 
 # same compilation (e.g. the periodic validation of the training loop).
 @functools.lru_cache(maxsize=None)
 def _predict_tiles_jit(compiler_options: Tuple[Tuple[str, str], ...] = ()):
-    return jax.jit(_predict_tiles, static_argnames=("apply_fn", "head", "tile_shape", "mirror_axes"),
+    return jax.jit(_predict_tiles, static_argnames=("apply_fn", "head", "tile_shape", "mirror_axes",
+                                                   "query_weighting"),
                    compiler_options=dict(compiler_options) or None)
 
 
 def make_tile_predictor(apply_fn: Callable, head: str, tile_shape: Sequence[int],
                         mirror_axes: Sequence[int] = (),
-                        compiler_options: Optional[Mapping[str, str]] = None) -> Callable:
+                        compiler_options: Optional[Mapping[str, str]] = None,
+                        query_weighting: str = "none") -> Callable:
     """A jitted function (variables, tiles, phase_mask) -> (probs, aux), one for all cases.
 
     apply_fn(variables, image [B, pz, py, px, 4], phase_mask [B, 4]) -> model outputs dict; it
     must be hashable (it is a static argument of jit). Mirroring TTA averages the probabilities
     of the plain and every mirrored pass (each flipped back) and takes the max of the query
     evidence. XLA compiles once per tile batch shape, with `compiler_options` (jax.jit's).
+    query_weighting: the Mask2Former semantic inference's (module docstring).
     """
     mirror_combinations(mirror_axes)  # validate early
+    if query_weighting not in QUERY_WEIGHTINGS:
+        raise ValueError(f"query_weighting {query_weighting!r}; expected one of "
+                         f"{QUERY_WEIGHTINGS}")
     jitted = _predict_tiles_jit(tuple(sorted((compiler_options or {}).items())))
     return functools.partial(jitted, apply_fn=apply_fn, head=head,
                              tile_shape=tuple(int(s) for s in tile_shape),
-                             mirror_axes=tuple(int(a) for a in mirror_axes))
+                             mirror_axes=tuple(int(a) for a in mirror_axes),
+                             query_weighting=query_weighting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +193,8 @@ def model_tile_predictor(model, config) -> Callable:
     """make_tile_predictor for a flax model built from config.model (eval mode)."""
     return make_tile_predictor(_EvalApply(model), config.model.head, config.input.patch_size,
                                config.inference.mirror_axes,
-                               conv_lib.compiler_options(config.model.conv_impl))
+                               conv_lib.compiler_options(config.model.conv_impl),
+                               config.inference.get("query_weighting", "none"))
 
 
 def as_variables(params_or_variables):
