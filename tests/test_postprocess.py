@@ -152,14 +152,17 @@ def test_min_lesion_volumes_from_the_config():
         diagnose.min_lesion_volumes(config)
 
 
-def test_training_rejects_an_unknown_class_before_any_work(tmp_path):
-    """A misspelt class in min_lesion_volume_by_class stops training at once, not at the first
-    validation: nothing is generated or written into the workdir."""
+@pytest.mark.parametrize("field, value, message", [
+    ("min_lesion_volume_by_class", {"calcification": 1.0}, "calcification"),
+    ("query_weighting", "objectnes", "objectnes")])
+def test_training_rejects_bad_inference_settings_before_any_work(tmp_path, field, value, message):
+    """A misspelt class in min_lesion_volume_by_class, or an unknown query weighting, stops
+    training at once, not at the first validation: nothing is generated or written."""
     from conftest import load_config
     from lidia_jax.train import trainer
 
     config = load_config("smoke")
-    config.inference.min_lesion_volume_by_class = {"calcification": 1.0}
-    with pytest.raises(ValueError, match="calcification"):
+    config.inference[field] = value
+    with pytest.raises(ValueError, match=message):
         trainer.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
     assert list((tmp_path / "run").iterdir()) == []

@@ -44,6 +44,13 @@ _EPS = 1e-6
 QUERY_WEIGHTINGS = ("none", "objectness")
 
 
+def check_query_weighting(query_weighting: str):
+    """Raises ValueError unless query_weighting is one of QUERY_WEIGHTINGS."""
+    if query_weighting not in QUERY_WEIGHTINGS:
+        raise ValueError(f"query_weighting {query_weighting!r}; expected one of "
+                         f"{QUERY_WEIGHTINGS}")
+
+
 def mask2former_semantic(class_logits, mask_logits, tile_shape: Sequence[int],
                          query_weighting: str = "none"):
     """Mask2Former semantic scores on a tile.
@@ -56,9 +63,7 @@ def mask2former_semantic(class_logits, mask_logits, tile_shape: Sequence[int],
     Returns:
       scores [B, pz, py, px, K] float32, mask_probs [B, Q, pz, py, px] float32.
     """
-    if query_weighting not in QUERY_WEIGHTINGS:
-        raise ValueError(f"query_weighting {query_weighting!r}; expected one of "
-                         f"{QUERY_WEIGHTINGS}")
+    check_query_weighting(query_weighting)
     probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)
     cls = probs[..., :-1]
     if query_weighting == "objectness":
@@ -169,9 +174,7 @@ def make_tile_predictor(apply_fn: Callable, head: str, tile_shape: Sequence[int]
     query_weighting: the Mask2Former semantic inference's (module docstring).
     """
     mirror_combinations(mirror_axes)  # validate early
-    if query_weighting not in QUERY_WEIGHTINGS:
-        raise ValueError(f"query_weighting {query_weighting!r}; expected one of "
-                         f"{QUERY_WEIGHTINGS}")
+    check_query_weighting(query_weighting)
     jitted = _predict_tiles_jit(tuple(sorted((compiler_options or {}).items())))
     return functools.partial(jitted, apply_fn=apply_fn, head=head,
                              tile_shape=tuple(int(s) for s in tile_shape),

@@ -26,6 +26,7 @@ from lidia_jax.data import preprocessing
 from lidia_jax.data import synthetic
 from lidia_jax.evaluation import evaluate as evaluate_lib
 from lidia_jax.inference import diagnose as diagnose_lib
+from lidia_jax.inference import semantic
 from lidia_jax.model import conv as conv_lib
 from lidia_jax.train import checkpoint as ckpt
 from lidia_jax.train import optimizer as optimizer_lib
@@ -177,6 +178,7 @@ def train_and_evaluate(config, workdir, log=print):
     # Inference settings the first validation would reject: before hours of training, not after.
     ckpt.check_which(config.inference.checkpoint)
     diagnose_lib.min_lesion_volumes(config)
+    semantic.check_query_weighting(config.inference.get("query_weighting", "none"))
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
