@@ -219,6 +219,22 @@ def test_classification_matches_loop(kind):
                                            jnp.ones(k + 1), "hinge")
 
 
+def test_target_class_loss_matches_loop():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(2, 5, 10)) * 2
+    classes = rng.integers(0, 9, (2, 5))
+    valid = rng.random((2, 5)) < 0.6
+    valid[0, 0] = True
+    nll = [-np.log(np_softmax(logits[b, t])[classes[b, t]])
+           for b, t in zip(*np.nonzero(valid))]
+    got = classification.target_class_loss(jnp.asarray(logits, jnp.float32),
+                                           jnp.asarray(classes), jnp.asarray(valid))
+    np.testing.assert_allclose(got, np.mean(nll), rtol=1e-5)
+    none = classification.target_class_loss(jnp.asarray(logits), jnp.asarray(classes),
+                                            jnp.zeros((2, 5), bool))
+    assert float(none) == 0.0
+
+
 # ------------------------------------------------------------ gradients
 def _fd_check(f, x, eps=1e-6, rtol=1e-6, n=6, seed=0):
     """Directional finite differences in float64."""
@@ -457,6 +473,26 @@ def test_compute_loss_variants(variant):
         np.testing.assert_allclose(
             float(loss), cfg.loss.seg_weight * float(m["loss_seg"])
             + cfg.loss.cls_weight * float(m["loss_cls"]), rtol=1e-6)
+
+
+def test_pooled_target_term_adds_to_the_total():
+    """outputs["target_logits"] (the pooled head under the true masks) adds
+    pooled_target_weight x its cross-entropy over the valid targets, and nothing else."""
+    cfg = load_config("smoke,contrastive=none")
+    cfg.loss.deep_supervision = False
+    cfg.loss.pooled_target_weight = 3.0
+    outputs, batch = _model_shaped(6, cfg)
+    rng = np.random.default_rng(6)
+    target_logits = jnp.asarray(rng.normal(size=batch["classes"].shape + (10,)), jnp.float32)
+    f = jax.jit(lambda o, b, r: compute_loss(o, b, None, r, cfg))
+    key = jax.random.PRNGKey(1)
+    plain, plain_aux = f(outputs, batch, key)
+    loss, aux = f(dict(outputs, target_logits=target_logits), batch, key)
+    want = classification.target_class_loss(target_logits, batch["classes"], batch["valid"])
+    np.testing.assert_allclose(float(aux["metrics"]["loss_pooled_target"]), float(want),
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(loss), float(plain) + 3.0 * float(want), rtol=1e-5)
+    assert "loss_pooled_target" not in plain_aux["metrics"]
 
 
 def test_compute_loss_errors_are_actionable():

@@ -10,23 +10,20 @@ from lidia_jax.model import build_model
 from lidia_jax.model import mask_pooling
 
 
-def _naive_statistics(mask_logits, class_logits, image, phase_mask):
-    """One query, one phase at a time, scipy's minimum filter for the soft core."""
-    b, q = mask_logits.shape[:2]
+def _naive_from_weights(w, liver, image, phase_mask):
+    """One query, one phase at a time, scipy's minimum filter for the soft core.
+    w [B, Q, d, h, w] in [0, 1], liver [B, d, h, w]."""
+    b, q = w.shape[:2]
     p = image.shape[-1]
-    w = 1.0 / (1.0 + np.exp(-mask_logits.astype(np.float64)))
-    e = np.exp(class_logits - class_logits.max(-1, keepdims=True))
-    liver_prob = (e / e.sum(-1, keepdims=True))[..., 0]
     out = np.zeros((b, q, 4 * p + 1 + p))
     for i in range(b):
-        liver = sum(liver_prob[i, j] * w[i, j] for j in range(q))
         for j in range(q):
             core = ndi.minimum_filter(w[i, j], size=3, mode="nearest")
             rim = np.maximum(w[i, j] - core, 0.0)
             for c in range(p):
                 x = image[i, ..., c].astype(np.float64)
                 mean_of = lambda weights, v=x: (weights * v).sum() / max(weights.sum(), 1e-3)
-                ref = mean_of(liver)
+                ref = mean_of(liver[i])
                 mean = mean_of(w[i, j])
                 std = np.sqrt(max(mean_of(w[i, j], x * x) - mean ** 2, 0.0))
                 values = [mean - ref, mean_of(core) - ref, mean_of(rim) - ref, std]
@@ -35,6 +32,15 @@ def _naive_statistics(mask_logits, class_logits, image, phase_mask):
             out[i, j, 4 * p] = np.log1p(w[i, j].sum())
             out[i, j, 4 * p + 1:] = phase_mask[i]
     return out
+
+
+def _naive_statistics(mask_logits, class_logits, image, phase_mask):
+    """The liver: the queries' masks weighted by their softmax liver probability."""
+    w = 1.0 / (1.0 + np.exp(-mask_logits.astype(np.float64)))
+    e = np.exp(class_logits - class_logits.max(-1, keepdims=True))
+    liver_prob = (e / e.sum(-1, keepdims=True))[..., 0]
+    liver = np.einsum("bq,bqdhw->bdhw", liver_prob, w)
+    return _naive_from_weights(w, liver, image, phase_mask)
 
 
 def test_pooled_statistics_match_a_naive_loop():
@@ -63,6 +69,26 @@ def test_masks_are_resized_to_the_grid_of_the_statistics():
     got = mask_pooling.pooled_statistics(jnp.asarray(mask_logits), jnp.asarray(class_logits),
                                          jnp.asarray(image), jnp.asarray(phase_mask))
     want = _naive_statistics(fine, class_logits, image, phase_mask)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_target_statistics_pool_the_true_masks_and_take_the_true_liver():
+    """Ground-truth masks on the input's grid: their area fraction per block of the statistics'
+    grid are the weights; the liver is the valid targets of class 0 (a padded one is ignored)."""
+    rng = np.random.default_rng(5)
+    b, t, fine, coarse = 2, 4, (4, 6, 6), (2, 3, 3)
+    masks = rng.random((b, t) + fine) < 0.4
+    classes = np.array([[0, 3, 5, 0], [2, 0, 0, 7]])
+    valid = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)  # [0, 3] is a padded "liver"
+    image = rng.normal(0, 1, (b,) + coarse + (4,)).astype(np.float32)
+    phase_mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool)
+    got = mask_pooling.target_statistics(jnp.asarray(masks), jnp.asarray(classes),
+                                         jnp.asarray(valid), jnp.asarray(image),
+                                         jnp.asarray(phase_mask))
+    w = masks.reshape(b, t, 2, 2, 3, 2, 3, 2).mean(axis=(3, 5, 7))
+    liver = np.stack([sum(w[i, j] for j in range(t) if valid[i, j] and classes[i, j] == 0)
+                      for i in range(b)])
+    want = _naive_from_weights(w, liver, image, phase_mask)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
@@ -104,10 +130,28 @@ def test_model_with_pooled_logits_starts_as_mask2former_and_learns_from_them():
     plain_params = dict(params)
     plain_params["transformer_decoder"] = {
         k: v for k, v in params["transformer_decoder"].items() if k != "pooled_intensity"}
-    a = jax.jit(pooled.apply)({"params": params}, image, phase_mask)
+    masks = jnp.asarray(rng.random((2, 3) + shape[1:4]) < 0.3)
+    targets = {"masks": masks, "classes": jnp.asarray([[0, 2, 4], [0, 1, 0]]),
+               "valid": jnp.asarray([[1, 1, 1], [1, 1, 0]], bool)}
+    a = jax.jit(pooled.apply)({"params": params}, image, phase_mask, targets=targets)
     b = jax.jit(plain.apply)({"params": plain_params}, image, phase_mask)
     for key in ("logits", "masks", "embed"):
         np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=1e-6, atol=1e-6)
+    assert "target_logits" not in b  # the plain model ignores targets
+    # Under the true masks: the head alone, zero at init.
+    assert a["target_logits"].shape == (2, 3, config.model.num_classes + 1)
+    assert not np.any(np.asarray(a["target_logits"]))
+
+    def target_loss(p):
+        logits = pooled.apply({"params": p}, image, phase_mask, targets=targets)["target_logits"]
+        return -jax.nn.log_softmax(logits, axis=-1)[..., 2].mean()
+
+    grads = jax.jit(jax.grad(target_loss))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        in_head = "pooled_intensity" in jax.tree_util.keystr(path)
+        assert in_head or not np.any(np.asarray(g)), path  # the true masks teach the head only
+    assert np.any(np.asarray(grads["transformer_decoder"]["pooled_intensity"]["pool_logits"]
+                             ["bias"]))
 
     def class_loss(p):
         logits = pooled.apply({"params": p}, image, phase_mask)["logits"]

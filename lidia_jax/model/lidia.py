@@ -26,13 +26,15 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 class LIDIA(nn.Module):
     """LIDIA (Huang et al., MICCAI 2024) and its baselines, NDHWC.
 
-    __call__(image [B, D, H, W, 4] float, phase_mask [B, 4] bool, train) ->
+    __call__(image [B, D, H, W, 4] float, phase_mask [B, 4] bool, train, targets=None) ->
       head "mask2former": {"logits" [L+1, B, Q, K+1], "masks" [L+1, B, Q, d, h, w],
                            "embed" [L+1, B, Q, E]}, (d, h, w) = encoder stage mask_stride_stage
       head "per_voxel":   {"seg_logits" [B, D, H, W, 10], "seg_logits_ds" (coarser levels,
                            finest first)}
     pooled_intensity adds mask_pooling's class logits (the input pooled under each query's
-    mask on the grid of encoder stage pooled_intensity_stage) to every Mask2Former prediction.
+    mask on the grid of encoder stage pooled_intensity_stage) to every Mask2Former prediction;
+    given the training targets ({"masks", "classes", "valid"} of the batch) it also returns
+    "target_logits" [B, T, K+1], that head under the true masks (TransformerDecoder).
     All outputs float32 whatever `dtype`. `train` is accepted for the interface; the network has
     no dropout and no batch statistics (instance norm), so train and eval are the same function.
     """
@@ -76,7 +78,7 @@ class LIDIA(nn.Module):
                 f"{tuple(int(t) for t in total)}")
 
     @nn.compact
-    def __call__(self, image, phase_mask, train: bool = False):
+    def __call__(self, image, phase_mask, train: bool = False, targets=None):
         del train  # no dropout / batch statistics: see the class docstring
         self._check(image, phase_mask)
         features = stage_features(len(self.strides), self.base_features, self.max_features)
@@ -104,7 +106,8 @@ class LIDIA(nn.Module):
         return TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
             self.num_classes, self.mask_dim, self.acl_dim, self.dtype, self.pooled_intensity,
-            name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask)
+            name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask,
+                                        targets)
 
 
 def build_model(model_cfg) -> LIDIA:

@@ -22,6 +22,10 @@ cores: a 20 mm lesion is 5 voxels across on the demo's input grid and 2.5 on sta
 3x3x3 core is empty. On the demo's test split the two grids gave level figures, and stage 0 made
 the demo's training about 10% slower (README).
 
+With config.loss.pooled_target_weight > 0 the head is also taught on the statistics under the
+*true* masks of each training patch (target_statistics, an extra cross-entropy in the objective),
+so that it can learn the classes before the model's masks are good; measured in README.
+
 The statistics see the model's outputs through stop_gradient: the class loss trains the MLP, the
 mask losses alone train the masks. Zero-initialised last layer: at step 0 the head is
 Mask2Former's.
@@ -64,34 +68,62 @@ def _weighted_mean(weights, image):
     return summed / jnp.maximum(total, _EPS)
 
 
+def mask_statistics(weights, liver, image, phase_mask):
+    """The features f_q of the module docstring from soft masks.
+
+    Args:
+      weights: [B, Q, d, h, w] in [0, 1], the masks on the statistics' grid; liver: [B, d, h, w],
+        the liver's weight per voxel; image: [B, d, h, w, P]; phase_mask: [B, P] bool.
+    Returns:
+      [B, Q, 4 * P + 1 + P] float32.
+    """
+    ref = _weighted_mean(liver[:, None], image)  # [B, 1, P]
+    core = _soft_core(weights)
+    mean = _weighted_mean(weights, image)
+    second = _weighted_mean(weights, image * image)
+    std = jnp.sqrt(jnp.maximum(second - mean * mean, 0.0))
+    present = phase_mask.astype(jnp.float32)[:, None, :]
+    volume = jnp.log1p(weights.sum(axis=(2, 3, 4)))[..., None]
+    features = [mean - ref, _weighted_mean(core, image) - ref,
+                _weighted_mean(jnp.maximum(weights - core, 0.0), image) - ref, std]
+    features = [f * present for f in features]
+    return jnp.concatenate(
+        features + [volume, jnp.broadcast_to(present, mean.shape)], axis=-1)
+
+
 def pooled_statistics(mask_logits, class_logits, image, phase_mask):
-    """The features f_q of the module docstring.
+    """mask_statistics under the model's own masks, the liver from its liver queries.
 
     Args:
       mask_logits: [B, Q, d, h, w]; class_logits: [B, Q, K+1] (query logits, liver first);
       image: [B, d', h', w', P], the input pooled to the statistics' grid (pool_image), to which
         the masks are resized; phase_mask: [B, P] bool.
     Returns:
-      [B, Q, 4 * P + 1 + P] float32, constant with respect to the model's outputs.
+      [B, Q, F] float32, constant with respect to the model's outputs.
     """
     logits = jax.lax.stop_gradient(mask_logits.astype(jnp.float32))
     if logits.shape[2:] != image.shape[1:4]:
         logits = jax.image.resize(logits, logits.shape[:2] + image.shape[1:4], method="linear")
     w = jax.nn.sigmoid(logits)
     liver_prob = jax.nn.softmax(jax.lax.stop_gradient(class_logits), axis=-1)[..., LIVER_CLASS]
-    liver = jnp.einsum("bq,bqdhw->bdhw", liver_prob, w)[:, None]
-    ref = _weighted_mean(liver, image)  # [B, 1, P]
-    core = _soft_core(w)
-    mean = _weighted_mean(w, image)
-    second = _weighted_mean(w, image * image)
-    std = jnp.sqrt(jnp.maximum(second - mean * mean, 0.0))
-    present = phase_mask.astype(jnp.float32)[:, None, :]
-    volume = jnp.log1p(w.sum(axis=(2, 3, 4)))[..., None]
-    features = [mean - ref, _weighted_mean(core, image) - ref,
-                _weighted_mean(jnp.maximum(w - core, 0.0), image) - ref, std]
-    features = [f * present for f in features]
-    return jnp.concatenate(
-        features + [volume, jnp.broadcast_to(present, mean.shape)], axis=-1)
+    liver = jnp.einsum("bq,bqdhw->bdhw", liver_prob, w)
+    return mask_statistics(w, liver, image, phase_mask)
+
+
+def target_statistics(masks, classes, valid, image, phase_mask):
+    """mask_statistics under the ground-truth masks of a training batch (the liver: the valid
+    targets of class LIVER_CLASS), for the auxiliary class loss of the pooled head.
+
+    Args:
+      masks: bool [B, T, D, H, W] on the input's grid; classes: int [B, T]; valid: bool [B, T];
+      image: [B, d, h, w, P], the input pooled to the statistics' grid; phase_mask: [B, P].
+    Returns:
+      [B, T, F] float32.
+    """
+    as_channels = jnp.moveaxis(masks.astype(jnp.float32), 1, -1)  # [B, D, H, W, T]
+    w = jnp.moveaxis(pool_image(as_channels, image.shape[1:4]), -1, 1)  # area fractions
+    liver = jnp.einsum("bt,btdhw->bdhw", (valid & (classes == LIVER_CLASS)).astype(jnp.float32), w)
+    return mask_statistics(w, liver, image, phase_mask)
 
 
 class PooledIntensityLogits(nn.Module):

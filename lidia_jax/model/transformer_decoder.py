@@ -162,9 +162,13 @@ class TransformerDecoder(nn.Module):
     image [B, D', H', W', P], phase_mask [B, P]: the input on the grid of mask_pooling's
       statistics (mask_pooling.pool_image), needed (only) with pooled_intensity, which adds
       mask_pooling's class-logit term to every prediction.
+    targets: optional training targets {"masks" bool [B, T, D0, H0, W0] on the input's grid,
+      "classes" [B, T], "valid" [B, T]}; with pooled_intensity, the pooled head's logits under
+      the true masks are returned too, for the objective's auxiliary class loss.
     Returns dict (all float32):
       logits [L+1, B, Q, K+1], masks [L+1, B, Q, D, H, W], embed [L+1, B, Q, acl_dim]
-    index 0 from the learnable queries before the first layer, -1 the final prediction.
+    index 0 from the learnable queries before the first layer, -1 the final prediction; and
+    target_logits [B, T, K+1] when targets are given with pooled_intensity.
     """
 
     num_queries: int
@@ -179,7 +183,7 @@ class TransformerDecoder(nn.Module):
     pooled_intensity: bool = False
 
     @nn.compact
-    def __call__(self, multi_scale, mask_features, image=None, phase_mask=None):
+    def __call__(self, multi_scale, mask_features, image=None, phase_mask=None, targets=None):
         b = mask_features.shape[0]
         e = self.hidden_dim
         num_scales = len(multi_scale)
@@ -227,4 +231,8 @@ class TransformerDecoder(nn.Module):
             output = FFNLayer(self.ffn_dim, self.dtype, name=f"ffn_{i}")(output)
             allowed = predict(output, sizes[(i + 1) % num_scales])
         logits, masks, embed = (jnp.stack(t) for t in zip(*preds))
-        return {"logits": logits, "masks": masks, "embed": embed}
+        out = {"logits": logits, "masks": masks, "embed": embed}
+        if self.pooled_intensity and targets is not None:
+            out["target_logits"] = pooled_head(mask_pooling.target_statistics(
+                targets["masks"], targets["classes"], targets["valid"], image, phase_mask))
+        return out

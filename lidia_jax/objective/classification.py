@@ -41,3 +41,14 @@ def classification_loss(logits, labels, weights, kind="focal", gamma=2.0):
         per_query = (1.0 - jnp.exp(logp_y)) ** gamma * per_query
     w = weights[labels]
     return jnp.sum(w * per_query) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def target_class_loss(logits, classes, valid):
+    """Cross-entropy of per-target logits, averaged over the valid targets (0 with none).
+
+    The auxiliary loss of the mask-pooled class head under the true masks (criterion):
+    logits [B, T, K+1], classes int [B, T] in 0..K-1, valid bool [B, T].
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), -1)
+    nll = -jnp.take_along_axis(logp, classes[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

@@ -1,6 +1,7 @@
 """Mask2Former-style set criterion with LIDIA's terms and deep supervision.
 
 L_final = seg_weight * L_seg + cls_weight * L_focal + acl_weight * L_acl (Eq. 6)
+          [+ pooled_target_weight * CE of the mask-pooled class head under the true masks]
 
 L_seg and L_focal are computed for the final prediction and, with
 config.loss.deep_supervision, for every intermediate one (outputs[...][i],
@@ -183,6 +184,15 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         "matched_lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes,
                                                      valid & (classes >= 1)),
     }
+
+    if "target_logits" in outputs:  # the pooled head taught on clean statistics (mask_pooling)
+        target_logits = _at_least_f32(outputs["target_logits"])
+        pooled = classification.target_class_loss(target_logits, classes, valid)
+        total = total + cl.pooled_target_weight * pooled
+        metrics["loss_pooled_target"] = pooled
+        lesion = valid & (classes >= 1)
+        metrics["pooled_target_lesion_accuracy"] = jnp.sum(
+            (jnp.argmax(target_logits, -1) == classes) & lesion) / jnp.maximum(jnp.sum(lesion), 1)
 
     new_memory = memory
     if cl.contrastive != "none":

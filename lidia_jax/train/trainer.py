@@ -86,12 +86,17 @@ def make_train_step(model, tx, config):
     gradient or update is not finite is skipped (state unchanged but for the counters).
     """
 
+    # The mask-pooled class head also learns from the true masks (objective/criterion.py).
+    pooled_targets = config.model.pooled_intensity and config.loss.pooled_target_weight > 0
+
     def train_step(state, batch):
         rng, loss_rng = jax.random.split(state.rng)
+        targets = ({k: batch[k] for k in ("masks", "classes", "valid")} if pooled_targets
+                   else None)
 
         def loss_fn(params):
             outputs = model.apply({"params": params}, batch["image"], batch["phase_mask"],
-                                  train=True)
+                                  train=True, targets=targets)
             return objective.compute_loss(outputs, batch, state.memory, loss_rng, config)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
