@@ -164,6 +164,9 @@ def test_nonfinite_batch_is_skipped_and_counted():
     from lidia_jax.train import trainer
 
     config = load_config("smoke")
+    # With the mask-pooled head taught under the true masks: the batch's targets reach the model.
+    config.model.pooled_intensity = True
+    config.loss.pooled_target_weight = 1.0
     model = model_lib.build_model(config.model)
     tx = optimizer_lib.make_optimizer(config.optim, 10)
     state = jax.jit(lambda r: nn.meta.unbox(trainer.make_init(model, tx, config)(r)))(
@@ -180,6 +183,7 @@ def test_nonfinite_batch_is_skipped_and_counted():
         np.testing.assert_array_equal(a, b)
     state, metrics = step(state, fake_batch(config, 2, seed=1))
     assert float(metrics["finite"]) == 1.0
+    assert float(metrics["loss_pooled_target"]) > 0
     assert int(state.nonfinite_in_a_row) == 0 and int(state.nonfinite_total) == 1
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
                                                         jax.tree.leaves(state.params))]

@@ -147,6 +147,7 @@ def mask2former_loss(outputs, batch, memory, rng, config):
 
     valid = batch["valid"].astype(bool)
     classes = batch["classes"].astype(jnp.int32)
+    lesion = valid & (classes >= 1)  # target 0 / class 0 is the liver
     # Global count: under a global jit the batch axis is the global batch.
     num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
     targets = {
@@ -181,8 +182,7 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         "loss_aux": jnp.sum(per_layer[:-1]),
         "num_targets": jnp.sum(valid).astype(jnp.float32),
         # Share of the lesion targets whose matched query (final layer) predicts their class.
-        "matched_lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes,
-                                                     valid & (classes >= 1)),
+        "matched_lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes, lesion),
     }
 
     if "target_logits" in outputs:  # the pooled head taught on clean statistics (mask_pooling)
@@ -190,7 +190,6 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         pooled = classification.target_class_loss(target_logits, classes, valid)
         total = total + cl.pooled_target_weight * pooled
         metrics["loss_pooled_target"] = pooled
-        lesion = valid & (classes >= 1)
         metrics["pooled_target_lesion_accuracy"] = jnp.sum(
             (jnp.argmax(target_logits, -1) == classes) & lesion) / jnp.maximum(jnp.sum(lesion), 1)
 
@@ -198,7 +197,6 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     if cl.contrastive != "none":
         embed = _at_least_f32(outputs["embed"][-1])  # [B, Q, E]
         matched = jnp.take_along_axis(embed, idx[-1][:, :, None], axis=1)
-        lesion = valid & (classes >= 1)  # target 0 / class 0 is the liver
         e = matched.reshape(-1, matched.shape[-1])
         lab, val = classes.reshape(-1), lesion.reshape(-1)
         acl = contrastive.contrastive_loss(e, lab, val, memory,
