@@ -15,6 +15,7 @@ Overrides accepted in the config string (comma separated, `key=value`):
   sam=0|1                           delayed=0|1 (drop the delayed phase everywhere)
   pooled=0|1                        mask-pooled intensity class logits (model/mask_pooling.py)
   mask_stage=N                      encoder stage whose resolution the masks have (0: input's)
+  paste=P                           lesion copy-paste of the rare classes, probability per patch
 
 Axis conventions: spatial tuples are (z, y, x) == (D, H, W); images are NDHWC.
 """
@@ -78,6 +79,12 @@ def _paper():
   # the case drawn for a lesion class, every class of the training split equally often
   # (data/pipeline.py, class_balanced_order).
   c.input.fg_balance = "voxel"
+  # Lesion copy-paste (data/paste.py): with this probability a patch gets one more lesion of
+  # paste_classes (a class drawn uniformly, then one of its training lesions), pasted on the
+  # patch's liver. Not in the paper: off.
+  c.input.paste_prob = 0.0
+  c.input.paste_classes = ("calc", "FNH", "ICC", "others")  # the cohort's rarest
+  c.input.paste_sigma = 0.7  # voxels: the soft edge of a pasted lesion
   c.input.read_threads = 1
   c.input.aug = ml_collections.ConfigDict()
   c.input.aug.enabled = True
@@ -342,6 +349,7 @@ _OVERRIDES = {
     "conv": lambda c, v: setattr(c.model, "conv_impl", v),
     "pooled": lambda c, v: setattr(c.model, "pooled_intensity", bool(int(v))),
     "mask_stage": lambda c, v: setattr(c.model, "mask_stride_stage", int(v)),
+    "paste": lambda c, v: setattr(c.input, "paste_prob", float(v)),
 }
 
 

@@ -35,12 +35,12 @@ from lidia_jax.train import checkpoint as ckpt  # noqa: E402
 from lidia_jax.train import trainer  # noqa: E402
 
 
-def probe_split(apply, params, cache_dir, config, split, batches, seed):
-    """{class index: [(score, class right)]} over `batches` patches of one split."""
+def probe(apply, params, batches):
+    """{class index: [(score, class right)]} over the lesion targets of `batches` (training
+    batches: image, phase_mask, masks, classes, valid); apply(params, image, phase_mask) gives the
+    model's outputs."""
     rows = collections.defaultdict(list)
-    it = pipeline.make_train_iterator(cache_dir, config, split=split, seed=seed)
-    for _ in range(batches):
-        batch = next(it)
+    for batch in batches:
         out = apply(params, jnp.asarray(batch["image"]), jnp.asarray(batch["phase_mask"]))
         logits = out["logits"][-1]
         scores, mask_probs = semantic.mask2former_semantic(
@@ -77,8 +77,10 @@ def main(argv=None):
     names = ["liver"] + list(config.data.labels[2:])
 
     splits = args.splits.split(",")
-    results = {s: probe_split(apply, params, cache_dir, config, s, args.batches, args.seed)
-               for s in splits}
+    results = {}
+    for split in splits:
+        it = pipeline.make_train_iterator(cache_dir, config, split=split, seed=args.seed)
+        results[split] = probe(apply, params, (next(it) for _ in range(args.batches)))
     print(f"{workdir}, checkpoint step {step}, {args.batches} batches per split\n")
     print("| class | " + " | ".join(f"{s}: n, median score, class right" for s in splits)
           + " |")

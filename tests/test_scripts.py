@@ -402,3 +402,34 @@ def test_oracle_baseline_separable_cache(oracle, tmp_path):
                                      cfg.data.benign)
         assert [s[k] for k in ("auc8", "auc2", "lesion_accuracy", "lesion_sensitivity",
                                "lesion_precision")] == [1.0] * 5, label
+
+
+def test_class_probe_reads_the_semantic_score_and_the_best_query():
+    """One lesion of class 3 (label code 4): query 0 covers it and says class 3 with p = 0.9,
+    query 1 is the liver everywhere. The semantic map gives the lesion 0.9 (label_probabilities:
+    the liver's 1 is the region, the lesion's share is its own 0.9); a second lesion, covered by
+    no query, scores 0 and its best query (the liver) is wrong."""
+    probe = _load_script("class_probe")
+    shape, k = (4, 6, 6), 9  # K = 9 classes (liver first) + no-object
+    masks = np.zeros((1, 3) + shape, bool)
+    masks[0, 0] = True
+    masks[0, 1, 1:3, 1:3, 1:3] = True
+    masks[0, 2, 0, 4:, 4:] = True
+    batch = {"image": np.zeros((1,) + shape + (4,), np.float32),
+             "phase_mask": np.ones((1, 4), bool), "masks": masks,
+             "classes": np.array([[0, 3, 5]]), "valid": np.ones((1, 3), bool)}
+    logits = np.full((1, 2, k + 1), -30.0, np.float32)
+    logits[0, 0, 3], logits[0, 0, k] = np.log(0.9), np.log(0.1)
+    logits[0, 1, 0] = 0.0
+    mask_logits = np.full((1, 2) + shape, -30.0, np.float32)
+    mask_logits[0, 0, 1:3, 1:3, 1:3] = 30.0
+    mask_logits[0, 1] = 30.0
+
+    def apply(params, image, phase_mask):
+        return {"logits": logits[None], "masks": mask_logits[None]}
+
+    rows = probe.probe(apply, None, [batch])
+    (score, right), = rows[3]
+    assert score == pytest.approx(0.9, abs=1e-4) and right
+    (score, right), = rows[5]
+    assert score == pytest.approx(0.0, abs=1e-4) and not right

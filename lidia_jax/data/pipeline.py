@@ -5,7 +5,8 @@ Reads the cache of lidia_jax/data/preprocessing.py directly by its layout (INTER
 with memory maps, so a worker reads only the blocks its patches touch.
 
 Pipeline (grain.MapDataset, every step a pure function of the element index):
-  source(cases) -> seed -> shuffle (per epoch) -> repeat -> random_map(sample + augment + targets)
+  source(cases) -> seed -> shuffle (per epoch) -> repeat
+  -> random_map(sample + augment (+ lesion paste, data/paste.py) + targets)
   -> shard [p::P] -> batch(local) -> to_iter_dataset -> mp_prefetch(num_workers)
 (with config.input.fg_balance "cohort" the source's epoch is class_balanced_order's, not the
 cases once each).
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import grain
 import numpy as np
 
-from lidia_jax.data import augment, patches
+from lidia_jax.data import augment, paste, patches
 
 PathLike = Union[str, pathlib.Path]
 
@@ -231,8 +232,11 @@ class SamplePatch(grain.transforms.RandomMap):
     intensity augmentation and phase dropping, and builds the Mask2Former targets.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, donors: Sequence[Sequence[paste.Donor]] = ()):
+        """donors: for lesion copy-paste, the donor lesions grouped by class (lesion_donors)."""
         self.patch_size = tuple(int(p) for p in config.input.patch_size)
+        self.donors = [list(group) for group in donors if len(group)]
+        self.paste_prob = float(config.input.get("paste_prob", 0.0))
         self.fg_prob = float(config.input.fg_prob)
         self.jitter = float(config.input.get("fg_jitter", 0.25))
         self.balance = patches.check_balance(str(config.input.get("fg_balance", "voxel")))
@@ -252,12 +256,16 @@ class SamplePatch(grain.transforms.RandomMap):
             shifts = augment.sample_channel_shifts(rng, phase_mask, self.aug)
         image, seg, inst = augment.extract(case.image, case.seg, case.inst, start,
                                            self.patch_size, phase_mask, matrix, shifts)
+        code_table = case.code_table
+        if self.donors and rng.random() < self.paste_prob:  # a class, then one of its lesions
+            group = self.donors[rng.integers(len(self.donors))]
+            image, seg, inst, code_table = paste.paste(
+                image, seg, inst, phase_mask, code_table, group[rng.integers(len(group))], rng)
         if self.augment:
             image = augment.augment_intensity(image, phase_mask, rng, self.aug)
             image, phase_mask = augment.drop_phases(image, phase_mask, rng,
                                                     float(self.aug.get("phase_drop_prob", 0.0)))
-        masks, classes, valid = patches.build_targets(seg, inst, case.code_table,
-                                                      self.max_instances)
+        masks, classes, valid = patches.build_targets(seg, inst, code_table, self.max_instances)
         return {
             "image": image.astype(np.float32, copy=False),
             "phase_mask": phase_mask,
@@ -266,6 +274,28 @@ class SamplePatch(grain.transforms.RandomMap):
             "classes": classes,
             "valid": valid,
         }
+
+
+def lesion_donors(cache_dir: PathLike, split: str, config) -> List[List[paste.Donor]]:
+    """Donor lesions of config.input.paste_classes (label names) in a split, grouped by class;
+    empty when config.input.paste_prob is 0."""
+    if float(config.input.get("paste_prob", 0.0)) <= 0.0:
+        return []
+    labels = list(config.data.labels)
+    names = list(config.input.get("paste_classes", ()))
+    unknown = [n for n in names if n not in labels[2:]]
+    if unknown or not names:
+        raise ValueError(f"config.input.paste_classes={tuple(names)}: expected lesion class "
+                         f"names among {tuple(labels[2:])}")
+    codes = [labels.index(n) for n in names]
+    sigma = float(config.input.get("paste_sigma", 0.7))
+    groups = {c: [] for c in codes}
+    for name in split_cases(cache_dir, split):
+        case = load_case(cache_dir, name, require_labels=True)
+        for donor in paste.donors_from_case(case.image, case.seg, case.inst, case.phase_mask,
+                                            case.code_table, codes, sigma):
+            groups[donor.code].append(donor)
+    return [groups[c] for c in codes]
 
 
 class _Attr(dict):
@@ -317,7 +347,7 @@ def make_train_dataset(cache_dir: PathLike, config, split: str = "train",
           .seed(seed)
           .shuffle()
           .repeat()
-          .random_map(SamplePatch(config)))
+          .random_map(SamplePatch(config, lesion_donors(cache_dir, split, config))))
     # Shard after random_map: element i's random draws depend on its global index only.
     ds = ds[process_index::process_count]
     return ds.batch(global_batch // process_count, drop_remainder=True)
