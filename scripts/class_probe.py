@@ -1,7 +1,7 @@
 """Does a trained model find each lesion class on unseen patients, or only on its training ones?
 
 Draws patches with the training pipeline (lesion-centred, class-balanced, augmented, as training
-sees them) from each split of a trained workdir's cache, runs the model's last decoder layer on
+sees them, but without pasted lesions) from each split of a trained workdir's cache, runs the model's last decoder layer on
 them, and for every lesion target of the patch reads:
 
   score   the target class's probability in the semantic map (inference/semantic.py: Mask2Former's
@@ -69,6 +69,7 @@ def main(argv=None):
     workdir = pathlib.Path(args.workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.input.num_workers = 0
+    config.input.paste_prob = 0.0  # the patches as the data has them, no pasted lesions
     plan = json.loads((workdir / trainer.PLAN_FILE).read_text())
     cache_dir = trainer.cache_root(config.data, workdir) / plan["fingerprint"]
     params, step = ckpt.restore_params(workdir, "latest")
