@@ -1,8 +1,8 @@
 """Does a trained model find each lesion class on unseen patients, or only on its training ones?
 
 Draws patches with the training pipeline (lesion-centred, class-balanced, augmented, as training
-sees them, but without pasted lesions) from each split of a trained workdir's cache, runs the model's last decoder layer on
-them, and for every lesion target of the patch reads:
+sees them, but without pasted lesions) from each split of a trained workdir's cache, runs the
+model's last decoder layer on them, and for every lesion target of the patch reads:
 
   score   the target class's probability in the semantic map (inference/semantic.py: Mask2Former's
           sum_q p_q(c) * sigmoid(mask_q), made a distribution over the label codes) at its
@@ -70,8 +70,7 @@ def main(argv=None):
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.input.num_workers = 0
     config.input.paste_prob = 0.0  # the patches as the data has them, no pasted lesions
-    plan = json.loads((workdir / trainer.PLAN_FILE).read_text())
-    cache_dir = trainer.cache_root(config.data, workdir) / plan["fingerprint"]
+    cache_dir = trainer.trained_cache_dir(workdir)
     params, step = ckpt.restore_params(workdir, "latest")
     model = model_lib.build_model(config.model)
     apply = jax.jit(lambda p_, x, m: model.apply({"params": p_}, x, m))

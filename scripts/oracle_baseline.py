@@ -151,11 +151,7 @@ def main(argv=None):
     if args.predicted and not args.workdir:
         p.error("--predicted needs --workdir (a trained model)")
     if args.workdir:
-        # The cache the run trained on: its config.json's data.cache_dir, as the trainer chose it.
-        workdir = pathlib.Path(args.workdir)
-        plan = json.loads((workdir / trainer.PLAN_FILE).read_text())
-        run_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-        cache_dir = trainer.cache_root(run_config.data, workdir) / plan["fingerprint"]
+        cache_dir = trainer.trained_cache_dir(args.workdir)  # the cache the run trained on
     else:
         cache_dir = pathlib.Path(args.cache)
     cache = preprocessing.Cache(cache_dir)

@@ -46,9 +46,8 @@ class Donor:
     code: int
 
 
-def liver_reference(image: np.ndarray, seg: np.ndarray) -> Optional[np.ndarray]:
-    """Mean of each phase over the liver parenchyma (label 1): [4], or None without liver."""
-    liver = seg == LIVER_CODE
+def liver_reference(image: np.ndarray, liver: np.ndarray) -> Optional[np.ndarray]:
+    """Mean of each phase [4] over `liver` (bool, the parenchyma: label 1), or None if empty."""
     if not liver.any():
         return None
     return image[liver].mean(axis=0)
@@ -62,10 +61,11 @@ def donors_from_case(image: np.ndarray, seg: np.ndarray, inst: np.ndarray,
     image [D, H, W, 4], seg [D, H, W] label codes, inst [D, H, W] instance ids, code_table
     (patches.instance_code_table) instance id -> code.
     """
-    wanted = [i for i in range(1, len(code_table)) if int(code_table[i]) in set(codes)]
+    codes = set(codes)
+    wanted = [i for i in range(1, len(code_table)) if int(code_table[i]) in codes]
     if not wanted:
         return []
-    ref = liver_reference(np.asarray(image), np.asarray(seg))
+    ref = liver_reference(np.asarray(image), np.asarray(seg) == LIVER_CODE)
     if ref is None:
         return []
     inst = np.asarray(inst)
@@ -120,13 +120,14 @@ def paste(image: np.ndarray, seg: np.ndarray, inst: np.ndarray, phase_mask: np.n
     flips = [a for a in range(3) if rng.random() < 0.5]
     values, mask, weight = (np.flip(a, flips) if flips else a
                             for a in (donor.values, donor.mask, donor.weight))
-    ref = liver_reference(image, seg)
-    corner = None if ref is None else _place(mask, seg == LIVER_CODE, rng, tries)
+    liver = seg == LIVER_CODE
+    ref = liver_reference(image, liver)
+    corner = None if ref is None else _place(mask, liver, rng, tries)
     if corner is None:
         return image, seg, inst, code_table
     box = tuple(slice(c, c + n) for c, n in zip(corner, mask.shape))
     image, seg, inst = image.copy(), seg.copy(), inst.copy()
-    w = (weight * (seg[box] == LIVER_CODE))[..., None]  # the soft edge spares other lesions
+    w = (weight * liver[box])[..., None]  # the soft edge spares other lesions
     image[box] = (1.0 - w) * image[box] + w * ((ref + values) * phase_mask)
     new_id = max(int(inst.max()), len(code_table) - 1) + 1
     seg[box][mask] = donor.code

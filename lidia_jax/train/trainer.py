@@ -14,6 +14,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -47,6 +48,15 @@ def cache_root(data_cfg, workdir) -> pathlib.Path:
     WORKDIR/preprocessed (each cache is a <fingerprint>/ subfolder)."""
     return (pathlib.Path(data_cfg.cache_dir) if data_cfg.cache_dir
             else pathlib.Path(workdir) / "preprocessed")
+
+
+def trained_cache_dir(workdir) -> pathlib.Path:
+    """The preprocessed cache a trained workdir used: its config.json's cache_root and the
+    fingerprint of its copied plan.json."""
+    workdir = pathlib.Path(workdir)
+    run_config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    plan = json.loads((workdir / PLAN_FILE).read_text())
+    return cache_root(run_config.data, workdir) / plan["fingerprint"]
 
 
 def prepare_data(config, workdir, log=print):
