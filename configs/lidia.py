@@ -167,6 +167,11 @@ def _paper():
   # Off: in the demo (5.0, 2026-12-04) it lifted sensitivity and Dice but lowered the test AUCs
   # (README, "True-mask statistics for the pooled head").
   c.loss.pooled_target_weight = 0.0
+  # (model engineer) with model.pooled_intensity: weight (relative to cls_weight) of the class
+  # loss of the pooled head's own logits under the model's own masks, same matching. In the sum
+  # with the query logits the head is left untaught: on the demo's test patches a logistic
+  # regression on its inputs names 0.70 of hemangiomas, the model none (README).
+  c.loss.pooled_alone_weight = 0.0
   # per-voxel head (nnU-Net): Dice + CE with deep supervision weights 1/2^i
   c.loss.ds_weights_decay = 0.5
   # (objective) deep-supervision layers matched and lossed in parallel (vmap):

@@ -495,6 +495,47 @@ def test_pooled_target_term_adds_to_the_total():
     assert "loss_pooled_target" not in plain_aux["metrics"]
 
 
+def test_pooled_alone_term_uses_the_class_loss_labels():
+    """pooled_alone_weight adds cls_weight x weight x the class loss of outputs["pooled_logits"]
+    with the same matching and labels: given the class logits themselves as the pooled logits,
+    that term equals loss_cls, at the final layer and (deep supervision) summed over layers."""
+    for deep in (False, True):
+        cfg = load_config("smoke,contrastive=none")
+        cfg.loss.deep_supervision = deep
+        outputs, batch = _model_shaped(7, cfg)
+        f = jax.jit(lambda o, b, r, c=cfg: compute_loss(o, b, None, r, c))
+        key = jax.random.PRNGKey(2)
+        plain, plain_aux = f(outputs, batch, key)
+        assert "loss_pooled_alone" not in plain_aux["metrics"]
+        cfg.loss.pooled_alone_weight = 0.5
+        f = jax.jit(lambda o, b, r, c=cfg: compute_loss(o, b, None, r, c))
+        loss, aux = f(dict(outputs, pooled_logits=outputs["logits"]), batch, key)
+        m = aux["metrics"]
+        np.testing.assert_allclose(float(m["loss_pooled_alone"]), float(m["loss_cls"]),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(float(m["pooled_alone_lesion_accuracy"]),
+                                   float(m["matched_lesion_accuracy"]))
+        # Doubling the pooled weight adds the same amount again: the term is linear in it.
+        cfg.loss.pooled_alone_weight = 1.0
+        f = jax.jit(lambda o, b, r, c=cfg: compute_loss(o, b, None, r, c))
+        loss2, _ = f(dict(outputs, pooled_logits=outputs["logits"]), batch, key)
+        gain = float(loss) - float(plain)
+        np.testing.assert_allclose(float(loss2) - float(plain), 2 * gain, rtol=1e-5)
+        if not deep:
+            np.testing.assert_allclose(gain, cfg.loss.cls_weight * 0.5 * float(m["loss_cls"]),
+                                       rtol=1e-5)
+        else:  # every layer's class loss: more than the final layer's alone
+            assert gain > cfg.loss.cls_weight * 0.5 * float(m["loss_cls"]) * 1.01
+
+
+def test_pooled_alone_weight_needs_the_pooled_head():
+    cfg = load_config("smoke,contrastive=none")
+    cfg.loss.pooled_alone_weight = 1.0
+    outputs, batch = _model_shaped(8, cfg)
+    with pytest.raises(ValueError, match="pooled_intensity"):
+        compute_loss(outputs, batch, None, jax.random.PRNGKey(0), cfg)
+
+
 def test_compute_loss_errors_are_actionable():
     outputs, batch = _model_shaped(0)
     with pytest.raises(ValueError, match="unknown outputs keys"):

@@ -138,6 +138,10 @@ def test_model_with_pooled_logits_starts_as_mask2former_and_learns_from_them():
     for key in ("logits", "masks", "embed"):
         np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=1e-6, atol=1e-6)
     assert "target_logits" not in b  # the plain model ignores targets
+    assert "pooled_logits" not in b
+    # The head's own term of every layer's logits: zero at init.
+    assert a["pooled_logits"].shape == a["logits"].shape
+    assert not np.any(np.asarray(a["pooled_logits"]))
     # Under the true masks: the head alone, zero at init.
     assert a["target_logits"].shape == (2, 3, config.model.num_classes + 1)
     assert not np.any(np.asarray(a["target_logits"]))
@@ -160,3 +164,28 @@ def test_model_with_pooled_logits_starts_as_mask2former_and_learns_from_them():
     grads = jax.jit(jax.grad(class_loss))(params)
     head = jax.tree.leaves(grads["transformer_decoder"]["pooled_intensity"]["pool_logits"])
     assert all(np.any(np.asarray(g)) for g in head)
+
+
+def test_pooled_logits_are_the_heads_term_of_the_logits():
+    """With a trained-looking head (non-zero last layer), logits - pooled_logits are the plain
+    Mask2Former logits of the same parameters without the head, at every layer."""
+    config = load_config("smoke")
+    shape = (1, 8, 16, 16, 4)
+    rng = np.random.default_rng(4)
+    image = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    phase_mask = jnp.asarray([[1, 1, 1, 1]], bool)
+    config.model.pooled_intensity = True
+    pooled = build_model(config.model)
+    params = jax.jit(pooled.init)(jax.random.PRNGKey(0), image, phase_mask)["params"]
+    head = params["transformer_decoder"]["pooled_intensity"]["pool_logits"]
+    head = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), head)
+    params["transformer_decoder"]["pooled_intensity"]["pool_logits"] = head
+    config.model.pooled_intensity = False
+    plain_params = dict(params)
+    plain_params["transformer_decoder"] = {
+        k: v for k, v in params["transformer_decoder"].items() if k != "pooled_intensity"}
+    a = jax.jit(pooled.apply)({"params": params}, image, phase_mask)
+    b = jax.jit(build_model(config.model).apply)({"params": plain_params}, image, phase_mask)
+    assert np.abs(np.asarray(a["pooled_logits"])).min() > 0
+    np.testing.assert_allclose(np.asarray(a["logits"] - a["pooled_logits"]),
+                               np.asarray(b["logits"]), rtol=1e-5, atol=1e-5)

@@ -167,8 +167,9 @@ class TransformerDecoder(nn.Module):
       the true masks are returned too, for the objective's auxiliary class loss.
     Returns dict (all float32):
       logits [L+1, B, Q, K+1], masks [L+1, B, Q, D, H, W], embed [L+1, B, Q, acl_dim]
-    index 0 from the learnable queries before the first layer, -1 the final prediction; and
-    target_logits [B, T, K+1] when targets are given with pooled_intensity.
+    index 0 from the learnable queries before the first layer, -1 the final prediction; with
+    pooled_intensity, pooled_logits [L+1, B, Q, K+1] (the pooled head's term of logits, for the
+    objective's own loss on it), and target_logits [B, T, K+1] when targets are given.
     """
 
     num_queries: int
@@ -206,7 +207,7 @@ class TransformerDecoder(nn.Module):
 
         heads = PredictionHeads(self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
                                 name="heads")
-        preds = []
+        preds, pooled = [], []
         if self.pooled_intensity:
             if image is None or phase_mask is None:
                 raise ValueError("TransformerDecoder: pooled_intensity needs image and phase_mask")
@@ -216,8 +217,9 @@ class TransformerDecoder(nn.Module):
         def predict(out, next_size):
             logits, masks, z = heads(out, mask_features)
             if self.pooled_intensity:
-                logits = logits + pooled_head(mask_pooling.pooled_statistics(
-                    masks, logits, image, phase_mask))
+                pooled.append(pooled_head(mask_pooling.pooled_statistics(
+                    masks, logits, image, phase_mask)))
+                logits = logits + pooled[-1]
             preds.append((logits, masks, z))
             return attention_mask(masks, next_size)
 
@@ -232,6 +234,8 @@ class TransformerDecoder(nn.Module):
             allowed = predict(output, sizes[(i + 1) % num_scales])
         logits, masks, embed = (jnp.stack(t) for t in zip(*preds))
         out = {"logits": logits, "masks": masks, "embed": embed}
+        if self.pooled_intensity:
+            out["pooled_logits"] = jnp.stack(pooled)
         if self.pooled_intensity and targets is not None:
             out["target_logits"] = pooled_head(mask_pooling.target_statistics(
                 targets["masks"], targets["classes"], targets["valid"], image, phase_mask))

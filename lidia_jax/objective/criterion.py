@@ -1,6 +1,8 @@
 """Mask2Former-style set criterion with LIDIA's terms and deep supervision.
 
 L_final = seg_weight * L_seg + cls_weight * L_focal + acl_weight * L_acl (Eq. 6)
+          [+ cls_weight * pooled_alone_weight * the class loss of the mask-pooled head's own
+             logits, with the same matching and labels, every layer]
           [+ pooled_target_weight * CE of the mask-pooled class head under the true masks]
 
 L_seg and L_focal are computed for the final prediction and, with
@@ -61,18 +63,20 @@ def _noise_size(num_targets, config_loss):
             + num_targets * points_lib.num_loss_noise(config_loss))
 
 
-def _layer_losses(noise, class_logits, mask_logits, targets, config):
+def _layer_losses(noise, class_logits, mask_logits, pooled_logits, targets, config):
     """Matching + L_seg + classification loss of one prediction layer.
 
     Args:
       noise: [B, _noise_size(T, config.loss)] U[0, 1) numbers.
       class_logits: [B, Q, K+1]; mask_logits: [B, Q, d, h, w] (float32).
+      pooled_logits: [B, Q, K+1], the mask-pooled head's term of class_logits, or None.
       targets: dict masks bool [B, T, D, H, W], classes int [B, T],
         valid bool [B, T], cumsum int32 [B, T, D*H*W], num_masks scalar.
       config: full config.
 
     Returns:
-      (mask_ce, dice, cls) scalars and the matching int32 [B, T].
+      (mask_ce, dice, cls, pooled cls (0 without pooled_logits)) scalars and the matching
+      int32 [B, T].
     """
     cl = config.loss
     num_classes = config.model.num_classes
@@ -108,7 +112,12 @@ def _layer_losses(noise, class_logits, mask_logits, targets, config):
     weights = classification.class_weights(num_classes, cl.no_object_weight)
     cls = classification.classification_loss(class_logits, labels, weights,
                                              cl.cls_loss, cl.focal_gamma)
-    return ce, dc, cls, idx
+    # The pooled head alone, on the statistics under the model's own masks (what it sees at
+    # inference): in the sum, the query embedding can fit the training patches by itself and
+    # leave the head untaught.
+    pooled = jnp.zeros(()) if pooled_logits is None else classification.classification_loss(
+        pooled_logits, labels, weights, cl.cls_loss, cl.focal_gamma)
+    return ce, dc, cls, pooled, idx
 
 
 def _matched_accuracy(class_logits, idx, classes, valid):
@@ -141,8 +150,15 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     cl = config.loss
     class_logits = _at_least_f32(outputs["logits"])
     mask_logits = _at_least_f32(outputs["masks"])
+    pooled_logits = None
+    if cl.get("pooled_alone_weight", 0.0) > 0:
+        if "pooled_logits" not in outputs:
+            raise ValueError("config.loss.pooled_alone_weight > 0 needs the mask-pooled class "
+                             "head: set config.model.pooled_intensity = True.")
+        pooled_logits = _at_least_f32(outputs["pooled_logits"])
     if not cl.deep_supervision:
         class_logits, mask_logits = class_logits[-1:], mask_logits[-1:]
+        pooled_logits = None if pooled_logits is None else pooled_logits[-1:]
     num_layers = class_logits.shape[0]
 
     valid = batch["valid"].astype(bool)
@@ -166,12 +182,14 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     # (0: all at once, best on accelerators; 1: a sequential lax.map, which
     # XLA:CPU runs ~1.6x faster than the batched gathers/while loops of vmap).
     group = int(cl.layers_in_parallel) or num_layers
-    ce, dc, cls, idx = jax.lax.map(
+    ce, dc, cls, pooled, idx = jax.lax.map(
         lambda args: _layer_losses(*args, targets, config),
-        (noise, class_logits, mask_logits),
+        (noise, class_logits, mask_logits, pooled_logits),
         batch_size=min(group, num_layers))
     seg = cl.ce_weight * ce + cl.dice_weight * dc  # [layers]
     per_layer = cl.seg_weight * seg + cl.cls_weight * cls
+    if pooled_logits is not None:
+        per_layer = per_layer + cl.cls_weight * cl.pooled_alone_weight * pooled
     total = jnp.sum(per_layer)
 
     metrics = {
@@ -184,6 +202,11 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         # Share of the lesion targets whose matched query (final layer) predicts their class.
         "matched_lesion_accuracy": _matched_accuracy(class_logits[-1], idx[-1], classes, lesion),
     }
+
+    if pooled_logits is not None:
+        metrics["loss_pooled_alone"] = pooled[-1]
+        metrics["pooled_alone_lesion_accuracy"] = _matched_accuracy(
+            pooled_logits[-1], idx[-1], classes, lesion)
 
     if "target_logits" in outputs:  # the pooled head taught on clean statistics (mask_pooling)
         target_logits = _at_least_f32(outputs["target_logits"])
