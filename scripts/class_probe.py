@@ -7,7 +7,9 @@ model's last decoder layer on them, and for every lesion target of the patch rea
   score   the target class's probability in the semantic map (inference/semantic.py: Mask2Former's
           sum_q p_q(c) * sigmoid(mask_q), made a distribution over the label codes) at its
           highest voxel inside the true lesion, as LiverMax would read it;
-  class   the query whose mask (sigmoid > 0.5) best overlaps the lesion predicts its class.
+  class   the query whose mask (sigmoid > 0.5) best overlaps the lesion predicts its class;
+  head    (models with the mask-pooled class head) that query's pooled head alone, its
+          `pooled_logits` term, predicts the class.
 
 A class found on the training split but not on the validation and test splits is memorised,
 not learned.
@@ -36,9 +38,9 @@ from lidia_jax.train import trainer  # noqa: E402
 
 
 def probe(apply, params, batches):
-    """{class index: [(score, class right)]} over the lesion targets of `batches` (training
-    batches: image, phase_mask, masks, classes, valid); apply(params, image, phase_mask) gives the
-    model's outputs."""
+    """{class index: [(score, class right, head alone right or None)]} over the lesion targets of
+    `batches` (training batches: image, phase_mask, masks, classes, valid); apply(params, image,
+    phase_mask) gives the model's outputs."""
     rows = collections.defaultdict(list)
     for batch in batches:
         out = apply(params, jnp.asarray(batch["image"]), jnp.asarray(batch["phase_mask"]))
@@ -48,13 +50,16 @@ def probe(apply, params, batches):
         probs = np.asarray(semantic.label_probabilities(scores))  # [B, D, H, W, K + 1], codes
         mask_probs = np.asarray(mask_probs)
         predicted = np.asarray(jnp.argmax(logits, axis=-1))
+        head = (np.asarray(jnp.argmax(out["pooled_logits"][-1], axis=-1))
+                if "pooled_logits" in out else None)
         for b, t in zip(*np.nonzero(batch["valid"][:, 1:])):
             t += 1  # slot 0 is the liver
             c, truth = int(batch["classes"][b, t]), batch["masks"][b, t]
             binary = mask_probs[b] > 0.5
             iou = (binary & truth).sum((1, 2, 3)) / np.maximum((binary | truth).sum((1, 2, 3)), 1)
             score = float(probs[b][truth, c + 1].max())  # class index c is label code c + 1
-            rows[c].append((score, predicted[b, int(iou.argmax())] == c))
+            q = int(iou.argmax())
+            rows[c].append((score, predicted[b, q] == c, None if head is None else head[b, q] == c))
     return rows
 
 
@@ -81,16 +86,18 @@ def main(argv=None):
     for split in splits:
         it = pipeline.make_train_iterator(cache_dir, config, split=split, seed=args.seed)
         results[split] = probe(apply, params, (next(it) for _ in range(args.batches)))
+    with_head = bool(config.model.get("pooled_intensity", False))
+    columns = "n, median score, class right" + (", head alone right" if with_head else "")
     print(f"{workdir}, checkpoint step {step}, {args.batches} batches per split\n")
-    print("| class | " + " | ".join(f"{s}: n, median score, class right" for s in splits)
-          + " |")
+    print("| class | " + " | ".join(f"{s}: {columns}" for s in splits) + " |")
     print("|---|" + "---|" * len(splits))
     for c in range(1, len(names)):
         cells = []
         for s in splits:
-            r = np.array(results[s].get(c, []), float).reshape(-1, 2)
-            cells.append(f"{len(r)}, {np.median(r[:, 0]):.2f}, {r[:, 1].mean():.2f}"
-                         if len(r) else "0")
+            r = np.array([row[:2 + with_head] for row in results[s].get(c, [])],
+                         float).reshape(-1, 2 + with_head)
+            cells.append(", ".join([str(len(r)), f"{np.median(r[:, 0]):.2f}"]
+                                   + [f"{x:.2f}" for x in r[:, 1:].mean(0)]) if len(r) else "0")
         print(f"| {names[c]} | " + " | ".join(cells) + " |")
 
 

@@ -429,7 +429,14 @@ def test_class_probe_reads_the_semantic_score_and_the_best_query():
         return {"logits": logits[None], "masks": mask_logits[None]}
 
     rows = probe.probe(apply, None, [batch])
-    (score, right), = rows[3]
-    assert score == pytest.approx(0.9, abs=1e-4) and right
-    (score, right), = rows[5]
+    (score, right, head), = rows[3]
+    assert score == pytest.approx(0.9, abs=1e-4) and right and head is None
+    (score, right, head), = rows[5]
     assert score == pytest.approx(0.0, abs=1e-4) and not right
+    # With the pooled head: its own term of query 0 says class 1, not 3.
+    pooled = np.zeros_like(logits)
+    pooled[0, 0, 1] = 5.0
+    rows = probe.probe(lambda *a: {"logits": logits[None], "masks": mask_logits[None],
+                                   "pooled_logits": pooled[None]}, None, [batch])
+    (score, right, head), = rows[3]
+    assert right and not head
