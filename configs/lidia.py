@@ -174,6 +174,9 @@ def _paper():
   # two seeds) it raised lesion precision and Dice but not the AUCs (README, "The pooled head's
   # own class loss").
   c.loss.pooled_alone_weight = 0.0
+  # That loss on matched queries only (no no-object targets). Off: in the demo the head learned
+  # more on the training patches, and the test figures fell (README).
+  c.loss.pooled_alone_matched_only = False
   # per-voxel head (nnU-Net): Dice + CE with deep supervision weights 1/2^i
   c.loss.ds_weights_decay = 0.5
   # (objective) deep-supervision layers matched and lossed in parallel (vmap):

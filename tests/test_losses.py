@@ -528,6 +528,27 @@ def test_pooled_alone_term_uses_the_class_loss_labels():
             assert gain > cfg.loss.cls_weight * 0.5 * float(m["loss_cls"]) * 1.01
 
 
+def test_pooled_alone_matched_only_leaves_out_the_no_object_queries():
+    """With pooled_alone_matched_only the term averages over matched queries alone: zero when
+    nothing is matched, while the default term also teaches no-object to every query."""
+    cfg = load_config("smoke,contrastive=none")
+    cfg.loss.deep_supervision = False
+    cfg.loss.pooled_alone_weight = 1.0
+    outputs, batch = _model_shaped(9, cfg)
+    outputs = dict(outputs, pooled_logits=outputs["logits"])
+    key = jax.random.PRNGKey(3)
+    empty = dict(batch, valid=jnp.zeros_like(batch["valid"]))
+    terms = {}
+    for matched_only in (False, True):
+        cfg.loss.pooled_alone_matched_only = matched_only
+        for name, b in (("empty", empty), ("batch", batch)):
+            _, aux = compute_loss(outputs, b, None, key, cfg)
+            terms[matched_only, name] = float(aux["metrics"]["loss_pooled_alone"])
+    assert terms[True, "empty"] == 0.0 and terms[False, "empty"] > 0.0
+    # Logits drawn at random: the matched queries' mean loss is not the weighted mean over all.
+    assert terms[True, "batch"] > 0.0 and terms[True, "batch"] != terms[False, "batch"]
+
+
 def test_pooled_alone_weight_needs_the_pooled_head():
     cfg = load_config("smoke,contrastive=none")
     cfg.loss.pooled_alone_weight = 1.0

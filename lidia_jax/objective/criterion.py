@@ -113,10 +113,15 @@ def _layer_losses(noise, class_logits, mask_logits, pooled_logits, targets, conf
     cls = classification.classification_loss(class_logits, labels, weights,
                                              cl.cls_loss, cl.focal_gamma)
     # The pooled head alone, on the statistics under the model's own masks (what it sees at
-    # inference): in the sum, the query embedding can fit the training patches by itself and
-    # leave the head untaught.
-    pooled = jnp.zeros(()) if pooled_logits is None else classification.classification_loss(
-        pooled_logits, labels, weights, cl.cls_loss, cl.focal_gamma)
+    # inference): in the sum, the query logits can fit the training patches by themselves and
+    # leave the head untaught. Matched queries only, optionally: an unmatched duplicate of a
+    # matched query has the same mask, so the same statistics, and only the query can tell them.
+    pooled = jnp.zeros(())
+    if pooled_logits is not None:
+        pooled_weights = (classification.class_weights(num_classes, 0.0)
+                          if cl.get("pooled_alone_matched_only", False) else weights)
+        pooled = classification.classification_loss(pooled_logits, labels, pooled_weights,
+                                                    cl.cls_loss, cl.focal_gamma)
     return ce, dc, cls, pooled, idx
 
 
