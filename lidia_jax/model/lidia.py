@@ -33,8 +33,9 @@ class LIDIA(nn.Module):
                            finest first)}
     pooled_intensity adds mask_pooling's class logits (the input pooled under each query's
     mask on the grid of encoder stage pooled_intensity_stage) to every Mask2Former prediction,
-    and returns that term alone as "pooled_logits" [L+1, B, Q, K+1]; given the training targets ({"masks", "classes", "valid"} of the batch) it also returns
-    "target_logits" [B, T, K+1], that head under the true masks (TransformerDecoder).
+    and returns that term alone as "pooled_logits" [L+1, B, Q, K+1]; given the training targets
+    ({"masks", "classes", "valid"} of the batch) it also returns "target_logits" [B, T, K+1],
+    that head under the true masks (TransformerDecoder).
     All outputs float32 whatever `dtype`. `train` is accepted for the interface; the network has
     no dropout and no batch statistics (instance norm), so train and eval are the same function.
     """

@@ -116,13 +116,13 @@ def _layer_losses(noise, class_logits, mask_logits, pooled_logits, targets, conf
     # inference): in the sum, the query logits can fit the training patches by themselves and
     # leave the head untaught. Matched queries only, optionally: an unmatched duplicate of a
     # matched query has the same mask, so the same statistics, and only the query can tell them.
-    pooled = jnp.zeros(())
+    pooled_cls = jnp.zeros(())
     if pooled_logits is not None:
         pooled_weights = (classification.class_weights(num_classes, 0.0)
                           if cl.get("pooled_alone_matched_only", False) else weights)
-        pooled = classification.classification_loss(pooled_logits, labels, pooled_weights,
-                                                    cl.cls_loss, cl.focal_gamma)
-    return ce, dc, cls, pooled, idx
+        pooled_cls = classification.classification_loss(pooled_logits, labels, pooled_weights,
+                                                        cl.cls_loss, cl.focal_gamma)
+    return ce, dc, cls, pooled_cls, idx
 
 
 def _matched_accuracy(class_logits, idx, classes, valid):
@@ -187,14 +187,14 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     # (0: all at once, best on accelerators; 1: a sequential lax.map, which
     # XLA:CPU runs ~1.6x faster than the batched gathers/while loops of vmap).
     group = int(cl.layers_in_parallel) or num_layers
-    ce, dc, cls, pooled, idx = jax.lax.map(
+    ce, dc, cls, pooled_cls, idx = jax.lax.map(
         lambda args: _layer_losses(*args, targets, config),
         (noise, class_logits, mask_logits, pooled_logits),
         batch_size=min(group, num_layers))
     seg = cl.ce_weight * ce + cl.dice_weight * dc  # [layers]
     per_layer = cl.seg_weight * seg + cl.cls_weight * cls
     if pooled_logits is not None:
-        per_layer = per_layer + cl.cls_weight * cl.pooled_alone_weight * pooled
+        per_layer = per_layer + cl.cls_weight * cl.pooled_alone_weight * pooled_cls
     total = jnp.sum(per_layer)
 
     metrics = {
@@ -209,7 +209,7 @@ def mask2former_loss(outputs, batch, memory, rng, config):
     }
 
     if pooled_logits is not None:
-        metrics["loss_pooled_alone"] = pooled[-1]
+        metrics["loss_pooled_alone"] = pooled_cls[-1]
         metrics["pooled_alone_lesion_accuracy"] = _matched_accuracy(
             pooled_logits[-1], idx[-1], classes, lesion)
 
