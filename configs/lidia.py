@@ -15,7 +15,6 @@ Overrides accepted in the config string (comma separated, `key=value`):
   sam=0|1                           delayed=0|1 (drop the delayed phase everywhere)
   pooled=0|1                        mask-pooled intensity class logits (model/mask_pooling.py)
   mask_stage=N                      encoder stage whose resolution the masks have (0: input's)
-  refine=N                          masks refined to stage N's grid by a light lateral (-1: off)
   paste=P                           lesion copy-paste of the rare classes, probability per patch
 
 Axis conventions: spatial tuples are (z, y, x) == (D, H, W); images are NDHWC.
@@ -131,9 +130,6 @@ def _paper():
   c.model.dec_layers = 3
   c.model.num_scales = 3
   c.model.mask_stride_stage = 1  # mask_features at the resolution of stage 1
-  # (model engineer) >= 0: the masks on this finer stage's grid, from the stage-1 mask features
-  # upsampled plus a 1x1x1 lateral of this stage's skip (model/pixel_decoder.py); -1 off.
-  c.model.mask_refine_stage = -1
   c.model.acl_dim = 64
   c.model.num_classes = len(LABELS) - 1  # liver + 8 lesions (+ no-object)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
@@ -363,7 +359,6 @@ _OVERRIDES = {
     "conv": lambda c, v: setattr(c.model, "conv_impl", v),
     "pooled": lambda c, v: setattr(c.model, "pooled_intensity", bool(int(v))),
     "mask_stage": lambda c, v: setattr(c.model, "mask_stride_stage", int(v)),
-    "refine": lambda c, v: setattr(c.model, "mask_refine_stage", int(v)),
     "paste": lambda c, v: setattr(c.input, "paste_prob", float(v)),
 }
 

@@ -87,33 +87,6 @@ def test_demo_and_paper_mask_resolution():
     assert out["masks"].shape == (cfg.dec_layers + 1, 1, cfg.num_queries, 8, 16, 16)
 
 
-def test_fine_masks_start_as_the_upsampled_masks_and_learn_from_the_skip():
-    """mask_refine_stage=0: masks on the input's grid; at init (zero lateral) they equal the
-    stage-1 masks upsampled trilinearly (the einsum commutes with that linear resize), the
-    attention and pooled statistics still see stage 1's masks, and the lateral gets a gradient."""
-    cfg = load_config("demo,refine=0").model
-    x, pm = inputs(1, shape=(16, 32, 32))
-    fine_model, coarse_model = build_model(cfg), build_model(load_config("demo").model)
-    variables = nn.meta.unbox(fine_model.init(jax.random.PRNGKey(0), x, pm))
-    fine = fine_model.apply(variables, x, pm)
-    assert fine["masks"].shape == (cfg.dec_layers + 1, 1, cfg.num_queries, 16, 32, 32)
-    coarse_vars = {"params": {k: v for k, v in variables["params"].items()
-                              if k != "fine_mask_features"}}
-    coarse = coarse_model.apply(coarse_vars, x, pm)
-    up = jax.image.resize(coarse["masks"], coarse["masks"].shape[:3] + (16, 32, 32),
-                          method="trilinear", antialias=False)
-    np.testing.assert_allclose(fine["masks"], up, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(fine["logits"], coarse["logits"], atol=1e-5)  # same attention
-
-    grads = jax.grad(lambda p: jnp.sum(fine_model.apply({"params": p}, x, pm)["masks"][-1, 0, 0]
-                                       * x[0, ..., 0]))(variables["params"])
-    kernel = grads["fine_mask_features"]["lateral"]["kernel"]
-    assert float(jnp.abs(kernel).max()) > 0
-    with pytest.raises(ValueError, match="mask_refine_stage"):
-        jax.eval_shape(build_model(load_config("demo,refine=1").model).init,
-                       jax.random.PRNGKey(0), x, pm)
-
-
 def test_bad_inputs_raise_actionable_errors():
     model = smoke_model()
     x, pm = inputs(1)

@@ -23,12 +23,10 @@ def conv_kernel_init(init=nn.initializers.he_normal()):
 
 def conv3d(features: int, kernel_size: Sequence[int], strides: Sequence[int] = (1, 1, 1),
            use_bias: bool = True, impl: str = "auto", dtype=jnp.float32,
-           bias_init=nn.initializers.zeros_init(), kernel_init=nn.initializers.he_normal(),
-           name: str | None = None) -> Conv:
+           bias_init=nn.initializers.zeros_init(), name: str | None = None) -> Conv:
     """A `conv.Conv` (the one switchable 3-D convolution) with partitioned kernel and bias."""
     return Conv(features=features, kernel_size=tuple(kernel_size), strides=tuple(strides),
-                use_bias=use_bias, impl=impl, dtype=dtype,
-                kernel_init=conv_kernel_init(kernel_init),
+                use_bias=use_bias, impl=impl, dtype=dtype, kernel_init=conv_kernel_init(),
                 bias_init=nn.with_logical_partitioning(bias_init, ("conv_out",)), name=name)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from lidia_jax.model import mask_pooling
 from lidia_jax.model.encoder import Encoder, stage_features
 from lidia_jax.model.fusion import FUSIONS, build_fusion
-from lidia_jax.model.pixel_decoder import FineMaskFeatures, FPNPixelDecoder
+from lidia_jax.model.pixel_decoder import FPNPixelDecoder
 from lidia_jax.model.transformer_decoder import TransformerDecoder
 from lidia_jax.model.unet_decoder import UNetDecoder
 
@@ -28,8 +28,7 @@ class LIDIA(nn.Module):
 
     __call__(image [B, D, H, W, 4] float, phase_mask [B, 4] bool, train, targets=None) ->
       head "mask2former": {"logits" [L+1, B, Q, K+1], "masks" [L+1, B, Q, d, h, w],
-                           "embed" [L+1, B, Q, E]}, (d, h, w) = encoder stage mask_stride_stage,
-                           or mask_refine_stage when that is set (FPNPixelDecoder)
+                           "embed" [L+1, B, Q, E]}, (d, h, w) = encoder stage mask_stride_stage
       head "per_voxel":   {"seg_logits" [B, D, H, W, 10], "seg_logits_ds" (coarser levels,
                            finest first)}
     pooled_intensity adds mask_pooling's class logits (the input pooled under each query's
@@ -56,7 +55,6 @@ class LIDIA(nn.Module):
     dec_layers: int = 3
     num_scales: int = 3
     mask_stride_stage: int = 1
-    mask_refine_stage: int = -1
     acl_dim: int = 64
     num_classes: int = 9
     ifm_shared_fuse: bool = True
@@ -102,15 +100,6 @@ class LIDIA(nn.Module):
             self.hidden_dim, self.mask_dim, self.num_scales, self.mask_stride_stage,
             self.kernel_sizes, impl=self.conv_impl, dtype=self.dtype,
             name="pixel_decoder")(skips)
-        fine_features = None
-        if self.mask_refine_stage >= 0:
-            if self.mask_refine_stage >= self.mask_stride_stage:
-                raise ValueError(
-                    f"config.model.mask_refine_stage={self.mask_refine_stage} must be a finer "
-                    f"stage than config.model.mask_stride_stage={self.mask_stride_stage} (or -1)")
-            fine_features = FineMaskFeatures(self.mask_dim, self.conv_impl, self.dtype,
-                                             name="fine_mask_features")(
-                                                 mask_features, skips[self.mask_refine_stage])
         pooled_image = None
         if self.pooled_intensity:  # the statistics' grid is that stage's features' grid
             pooled_image = mask_pooling.pool_image(
@@ -119,7 +108,7 @@ class LIDIA(nn.Module):
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
             self.num_classes, self.mask_dim, self.acl_dim, self.dtype, self.pooled_intensity,
             name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask,
-                                        targets, fine_features)
+                                        targets)
 
 
 def build_model(model_cfg) -> LIDIA:
@@ -144,7 +133,6 @@ def build_model(model_cfg) -> LIDIA:
         mask_dim=int(model_cfg.mask_dim), num_heads=int(model_cfg.num_heads),
         ffn_dim=int(model_cfg.ffn_dim), dec_layers=int(model_cfg.dec_layers),
         num_scales=int(model_cfg.num_scales), mask_stride_stage=int(model_cfg.mask_stride_stage),
-        mask_refine_stage=int(get("mask_refine_stage", -1)),
         acl_dim=int(model_cfg.acl_dim), num_classes=int(model_cfg.num_classes),
         ifm_shared_fuse=bool(get("ifm_shared_fuse", True)),
         dtype=_DTYPES[str(model_cfg.dtype)], remat=bool(model_cfg.remat),

@@ -68,30 +68,3 @@ class FPNPixelDecoder(nn.Module):
                                impl=self.impl, dtype=self.dtype,
                                name="mask_features")(outs[self.mask_stage])
         return multi_scale, mask_features
-
-
-class FineMaskFeatures(nn.Module):
-    """Mask features on a finer encoder stage's grid, at little cost (config.model.
-    mask_refine_stage): the FPN's mask features upsampled (trilinear) plus a 1x1x1 lateral of
-    that stage's skip, zero at init.
-
-    A full FPN level on the finest grid costs 3x3x3 convolutions of conv_dim channels there (the
-    demo's step doubled); this is a 1x1x1 convolution of the skip's few channels. On the demo's
-    stage-1 grid (10 x 8 x 8 mm) a 10 mm lesion is one voxel, and the masks of small lesions
-    were three to five times their size (README).
-
-    mask_features [B, d, h, w, M], skip [B, D, H, W, F] -> [B, D, H, W, M] (dtype).
-    """
-
-    mask_dim: int
-    impl: str = "auto"
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, mask_features, skip):
-        up = jax.image.resize(mask_features.astype(jnp.float32),
-                              mask_features.shape[:1] + skip.shape[1:4] + mask_features.shape[-1:],
-                              method="trilinear", antialias=False)
-        lateral = conv3d(self.mask_dim, (1, 1, 1), impl=self.impl, dtype=self.dtype,
-                         kernel_init=nn.initializers.zeros_init(), name="lateral")(skip)
-        return (up + lateral.astype(jnp.float32)).astype(self.dtype)

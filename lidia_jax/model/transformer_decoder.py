@@ -125,9 +125,7 @@ class PredictionHeads(nn.Module):
 
     queries [B, Q, E], mask_features [B, D, H, W, M] ->
       logits [B, Q, K+1] (float32), mask logits [B, Q, D, H, W] (float32),
-      embed  [B, Q, acl_dim] (float32, unit L2 norm; z(x) of Eq. 4);
-    with fine_features [B, D', H', W', M] also the same mask embedding's logits on that grid,
-      [B, Q, D', H', W'] (float32), else None.
+      embed  [B, Q, acl_dim] (float32, unit L2 norm; z(x) of Eq. 4).
     """
 
     num_classes: int
@@ -136,7 +134,7 @@ class PredictionHeads(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, mask_features, fine_features=None):
+    def __call__(self, queries, mask_features):
         e = queries.shape[-1]
         x = layer_norm(name="decoder_norm")(queries)
         logits = dense(self.num_classes + 1, ("embed", "classes"), self.dtype,
@@ -146,15 +144,14 @@ class PredictionHeads(nn.Module):
             m = dense(f, ("embed", "mlp") if i < 2 else ("embed", "mask"), self.dtype,
                       name=f"mask_embed_{i}")(m)
             m = nn.relu(m) if i < 2 else m
-        project = lambda f: jnp.einsum("bqc,bdhwc->bqdhw", m.astype(self.dtype),
-                                       f.astype(self.dtype), preferred_element_type=jnp.float32)
-        masks = project(mask_features)
-        fine = None if fine_features is None else project(fine_features)
+        masks = jnp.einsum("bqc,bdhwc->bqdhw", m.astype(self.dtype),
+                           mask_features.astype(self.dtype),
+                           preferred_element_type=jnp.float32)
         z = nn.relu(dense(e, ("embed", "mlp"), self.dtype, name="acl_proj_0")(x))
         z = dense(self.acl_dim, ("mlp", "acl"), self.dtype, name="acl_proj_1")(z)
         z = z.astype(jnp.float32)
         z = z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), 1e-12))
-        return logits.astype(jnp.float32), masks.astype(jnp.float32), z, fine
+        return logits.astype(jnp.float32), masks.astype(jnp.float32), z
 
 
 class TransformerDecoder(nn.Module):
@@ -168,9 +165,6 @@ class TransformerDecoder(nn.Module):
     targets: optional training targets {"masks" bool [B, T, D0, H0, W0] on the input's grid,
       "classes" [B, T], "valid" [B, T]}; with pooled_intensity, the pooled head's logits under
       the true masks are returned too, for the objective's auxiliary class loss.
-    fine_features: optional [B, D', H', W', mask_dim] (pixel_decoder.FineMaskFeatures): the
-      returned masks are then on that grid, while the attention masks and the pooled statistics
-      keep mask_features' grid (their cost does not grow with the finer grid).
     Returns dict (all float32):
       logits [L+1, B, Q, K+1], masks [L+1, B, Q, D, H, W], embed [L+1, B, Q, acl_dim]
     index 0 from the learnable queries before the first layer, -1 the final prediction; with
@@ -190,8 +184,7 @@ class TransformerDecoder(nn.Module):
     pooled_intensity: bool = False
 
     @nn.compact
-    def __call__(self, multi_scale, mask_features, image=None, phase_mask=None, targets=None,
-                 fine_features=None):
+    def __call__(self, multi_scale, mask_features, image=None, phase_mask=None, targets=None):
         b = mask_features.shape[0]
         e = self.hidden_dim
         num_scales = len(multi_scale)
@@ -222,12 +215,12 @@ class TransformerDecoder(nn.Module):
                                                              name="pooled_intensity")
 
         def predict(out, next_size):
-            logits, masks, z, fine = heads(out, mask_features, fine_features)
+            logits, masks, z = heads(out, mask_features)
             if self.pooled_intensity:
                 pooled.append(pooled_head(mask_pooling.pooled_statistics(
                     masks, logits, image, phase_mask)))
                 logits = logits + pooled[-1]
-            preds.append((logits, masks if fine is None else fine, z))
+            preds.append((logits, masks, z))
             return attention_mask(masks, next_size)
 
         allowed = predict(output, sizes[0])
