@@ -242,10 +242,10 @@ def _paper():
 def _demo(c):
   """Synthetic cohort: generate, train and evaluate in under 30 min on a 2-core CPU.
 
-  Coarser voxels, a 24x48x48 patch, thin layers and batch 1 keep a training step near 0.3 s on
+  Coarser voxels, a 24x48x48 patch and thin layers keep a training step near half a second on
   two CPU cores (conv_impl "planes"). SAM is off here because it doubles the step cost at a
   fixed wall-clock budget (`:demo,sam=1` runs the full method); the method is otherwise the
-  paper's LIDIA. What 4,200 steps need and the paper's 250,000 do not: lr 2e-3 instead of 1e-5,
+  paper's LIDIA. What 2,400 steps need and the paper's 250,000 do not: lr 2e-3 instead of 1e-5,
   class-balanced lesion patches, class logits from the input phases pooled under each query's
   mask (model/mask_pooling.py; not in the paper), and cross-entropy instead of the focal class
   loss. Measured in README.md, "What it gives today".
@@ -256,12 +256,8 @@ def _demo(c):
   c.preprocess.target_spacing = (5.0, 4.0, 4.0)
   c.preprocess.image_order = 1
   c.input.patch_size = (24, 48, 48)
-  # Batch 1 (the paper: 2): in the same half hour 4,200 steps instead of 2,400 (0.29 s a step
-  # against 0.51 s). The classes are learned late in steps; on 85 unseen cases lesion sensitivity
-  # rose 0.61 -> 0.65, Dice 0.64 -> 0.68, AUC-8 level, AUC-2 0.85 -> 0.83 (README, "Batch 1").
-  c.input.batch_size = 1
-  # 4,200 patches see each lesion class a few hundred times only if most are centred on a
-  # lesion, classes taken in turn.
+  # 2400 steps of batch 2 see each lesion class a few hundred times only if most patches are
+  # centred on a lesion, classes taken in turn.
   c.input.fg_prob = 0.67
   c.input.fg_balance = "class"
   c.input.num_workers = 0  # a worker process competes with XLA for the two cores
@@ -281,22 +277,21 @@ def _demo(c):
   c.model.pooled_intensity = True
   c.loss.num_points = 2048
   c.loss.layers_in_parallel = 1  # (objective) CPU-friendly
-  # At 2,400 steps (batch 2) the focal loss leaves unmatched queries at a median no-object
-  # probability of 0.44 (cross-entropy: 0.95); the rest of their class mass, over untrained masks,
-  # adds lesion scores across the liver in semantic inference. Cross-entropy gave fewer false
-  # lesions (README).
+  # At 2,400 steps the focal loss leaves unmatched queries at a median no-object probability of
+  # 0.44 (cross-entropy: 0.95); the rest of their class mass, over untrained masks, adds lesion
+  # scores across the liver in semantic inference. Cross-entropy gave fewer false lesions (README).
   c.loss.cls_loss = "ce"
   c.optim.lr = 2e-3
   c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 50
   c.optim.sam = False
   c.train.epochs = 1
-  c.train.steps_per_epoch = 4200
+  c.train.steps_per_epoch = 2400
   c.train.log_every = 25
   # One validation, at the end (monitoring only): a mid-run one cost ~50 s of the half hour, and
   # on a slower day this VM took 28 min for the demo (README).
-  c.train.eval_every = 4200
-  c.train.checkpoint_every = 1050
+  c.train.eval_every = 2400
+  c.train.checkpoint_every = 600
   c.train.eval_max_cases = -1  # all 11 validation cases (monitoring: the test takes the latest)
   c.inference.tile_batch = 4
   # Tiles a quarter patch apart (nnU-Net: half): on four trained demo models, AUC-2 +0.01 to +0.03
