@@ -139,6 +139,9 @@ def _paper():
   # (model/mask_pooling.py); not in the paper, on in the demo, whose budget is short.
   c.model.pooled_intensity = False
   c.model.pooled_intensity_stage = 1  # statistics on this encoder stage's grid (0: the input's)
+  # Voxels weigh w ** sharpness in the statistics (w: the query's mask probability), so that the
+  # mask's confident core, not the parenchyma it spills onto, sets them (model/mask_pooling.py).
+  c.model.pooled_intensity_sharpness = 1
 
   # --------------------------------------------------------- objective
   c.loss = ml_collections.ConfigDict()
@@ -272,9 +275,14 @@ def _demo(c):
   c.model.ffn_dim = 128
   c.model.num_heads = 4
   c.model.acl_dim = 32
-  # On the masks' grid (stage 1): on the input's, its figures were level and the demo took 27-30
-  # min instead of about 25 (README).
+  # On the input's grid, each voxel weighed by its mask probability to the 4th: the masks spill
+  # past the lesions, and the power lets their cores set the statistics. On 85 unseen cases
+  # AUC-8 0.714 -> 0.777, AUC-2 0.853 -> 0.944, Dice 0.638 -> 0.675; the same power on the
+  # masks' grid (stage 1) was level with the plain head. Costs about 4 min of the half hour
+  # (README, "Sharpened statistics on the input's grid").
   c.model.pooled_intensity = True
+  c.model.pooled_intensity_stage = 0
+  c.model.pooled_intensity_sharpness = 4
   c.loss.num_points = 2048
   c.loss.layers_in_parallel = 1  # (objective) CPU-friendly
   # At 2,400 steps the focal loss leaves unmatched queries at a median no-object probability of

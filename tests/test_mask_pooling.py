@@ -34,13 +34,14 @@ def _naive_from_weights(w, liver, image, phase_mask):
     return out
 
 
-def _naive_statistics(mask_logits, class_logits, image, phase_mask):
-    """The liver: the queries' masks weighted by their softmax liver probability."""
+def _naive_statistics(mask_logits, class_logits, image, phase_mask, sharpness=1):
+    """The liver: the queries' masks weighted by their softmax liver probability; the lesion
+    statistics weigh each voxel by the mask probability to the power `sharpness`."""
     w = 1.0 / (1.0 + np.exp(-mask_logits.astype(np.float64)))
     e = np.exp(class_logits - class_logits.max(-1, keepdims=True))
     liver_prob = (e / e.sum(-1, keepdims=True))[..., 0]
     liver = np.einsum("bq,bqdhw->bdhw", liver_prob, w)
-    return _naive_from_weights(w, liver, image, phase_mask)
+    return _naive_from_weights(w ** sharpness, liver, image, phase_mask)
 
 
 def test_pooled_statistics_match_a_naive_loop():
@@ -56,6 +57,22 @@ def test_pooled_statistics_match_a_naive_loop():
     want = _naive_statistics(mask_logits, class_logits, image, phase_mask)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
     assert np.all(np.asarray(got)[0, :, [3, 7, 11, 15]] == 0.0)  # D absent: no statistic
+
+
+def test_sharpness_weighs_the_masks_core_and_keeps_the_liver_reference():
+    rng = np.random.default_rng(6)
+    b, q, size, p = 2, 3, (4, 5, 6), 4
+    mask_logits = rng.normal(0, 3, (b, q) + size).astype(np.float32)
+    class_logits = rng.normal(0, 2, (b, q, 10)).astype(np.float32)
+    image = rng.normal(0, 1, (b,) + size + (p,)).astype(np.float32)
+    phase_mask = np.ones((b, p), bool)
+    args = (jnp.asarray(mask_logits), jnp.asarray(class_logits), jnp.asarray(image),
+            jnp.asarray(phase_mask))
+    got = np.asarray(mask_pooling.pooled_statistics(*args, sharpness=4))
+    want = _naive_statistics(mask_logits, class_logits, image, phase_mask, sharpness=4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    plain = np.asarray(mask_pooling.pooled_statistics(*args))
+    assert np.abs(got - plain).max() > 0.1  # the power changes the statistics
 
 
 def test_masks_are_resized_to_the_grid_of_the_statistics():
@@ -164,6 +181,27 @@ def test_model_with_pooled_logits_starts_as_mask2former_and_learns_from_them():
     grads = jax.jit(jax.grad(class_loss))(params)
     head = jax.tree.leaves(grads["transformer_decoder"]["pooled_intensity"]["pool_logits"])
     assert all(np.any(np.asarray(g)) for g in head)
+
+
+def test_config_sharpness_reaches_the_pooled_head():
+    """config.model.pooled_intensity_sharpness changes the pooled logits of a non-zero head and
+    nothing else of the model's parameters."""
+    config = load_config("smoke")
+    config.model.pooled_intensity = True
+    rng = np.random.default_rng(7)
+    image = jnp.asarray(rng.normal(size=(1, 8, 16, 16, 4)), jnp.float32)
+    phase_mask = jnp.ones((1, 4), bool)
+    model = build_model(config.model)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), image, phase_mask)["params"]
+    head = params["transformer_decoder"]["pooled_intensity"]["pool_logits"]
+    params["transformer_decoder"]["pooled_intensity"]["pool_logits"] = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), head)
+    config.model.pooled_intensity_sharpness = 4
+    sharp = build_model(config.model)
+    a = jax.jit(model.apply)({"params": params}, image, phase_mask)
+    b = jax.jit(sharp.apply)({"params": params}, image, phase_mask)
+    np.testing.assert_array_equal(np.asarray(a["masks"]), np.asarray(b["masks"]))
+    assert np.abs(np.asarray(a["pooled_logits"] - b["pooled_logits"])).max() > 1e-3
 
 
 def test_pooled_logits_are_the_heads_term_of_the_logits():

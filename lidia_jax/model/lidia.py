@@ -63,6 +63,7 @@ class LIDIA(nn.Module):
     conv_impl: str = "auto"
     pooled_intensity: bool = False
     pooled_intensity_stage: int = 1
+    pooled_intensity_sharpness: int = 1
 
     def _check(self, image, phase_mask):
         if image.ndim != 5 or image.shape[-1] != 4:
@@ -107,6 +108,7 @@ class LIDIA(nn.Module):
         return TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
             self.num_classes, self.mask_dim, self.acl_dim, self.dtype, self.pooled_intensity,
+            self.pooled_intensity_sharpness,
             name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask,
                                         targets)
 
@@ -138,4 +140,5 @@ def build_model(model_cfg) -> LIDIA:
         dtype=_DTYPES[str(model_cfg.dtype)], remat=bool(model_cfg.remat),
         conv_impl=str(model_cfg.conv_impl),
         pooled_intensity=bool(get("pooled_intensity", False)),
-        pooled_intensity_stage=int(get("pooled_intensity_stage", 1)))
+        pooled_intensity_stage=int(get("pooled_intensity_stage", 1)),
+        pooled_intensity_sharpness=int(get("pooled_intensity_sharpness", 1)))
