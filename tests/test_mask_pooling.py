@@ -174,9 +174,17 @@ def test_model_with_pooled_logits_starts_as_mask2former_and_learns_from_them():
     assert all(np.any(np.asarray(g)) for g in head)
 
 
+def _randomise_pooled_head(params, rng):
+    """Gives the pooled head's zero-initialised last layer random weights (a trained-looking
+    head), in place."""
+    head = params["transformer_decoder"]["pooled_intensity"]
+    head["pool_logits"] = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), head["pool_logits"])
+
+
 def test_config_sharpness_reaches_the_pooled_head():
     """config.model.pooled_intensity_sharpness changes the pooled logits of a non-zero head and
-    nothing else of the model's parameters."""
+    leaves the masks alone."""
     config = load_config("smoke")
     config.model.pooled_intensity = True
     rng = np.random.default_rng(7)
@@ -184,9 +192,7 @@ def test_config_sharpness_reaches_the_pooled_head():
     phase_mask = jnp.ones((1, 4), bool)
     model = build_model(config.model)
     params = jax.jit(model.init)(jax.random.PRNGKey(0), image, phase_mask)["params"]
-    head = params["transformer_decoder"]["pooled_intensity"]["pool_logits"]
-    params["transformer_decoder"]["pooled_intensity"]["pool_logits"] = jax.tree.map(
-        lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), head)
+    _randomise_pooled_head(params, rng)
     config.model.pooled_intensity_sharpness = 4
     sharp = build_model(config.model)
     a = jax.jit(model.apply)({"params": params}, image, phase_mask)
@@ -206,9 +212,7 @@ def test_pooled_logits_are_the_heads_term_of_the_logits():
     config.model.pooled_intensity = True
     pooled = build_model(config.model)
     params = jax.jit(pooled.init)(jax.random.PRNGKey(0), image, phase_mask)["params"]
-    head = params["transformer_decoder"]["pooled_intensity"]["pool_logits"]
-    head = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), head)
-    params["transformer_decoder"]["pooled_intensity"]["pool_logits"] = head
+    _randomise_pooled_head(params, rng)
     config.model.pooled_intensity = False
     plain_params = dict(params)
     plain_params["transformer_decoder"] = {

@@ -182,7 +182,7 @@ class TransformerDecoder(nn.Module):
     acl_dim: int
     dtype: jnp.dtype = jnp.float32
     pooled_intensity: bool = False
-    pooled_sharpness: int = 1  # mask_pooling.pooled_statistics
+    pooled_intensity_sharpness: int = 1  # mask_pooling.pooled_statistics
 
     @nn.compact
     def __call__(self, multi_scale, mask_features, image=None, phase_mask=None, targets=None):
@@ -219,7 +219,7 @@ class TransformerDecoder(nn.Module):
             logits, masks, z = heads(out, mask_features)
             if self.pooled_intensity:
                 pooled.append(pooled_head(mask_pooling.pooled_statistics(
-                    masks, logits, image, phase_mask, self.pooled_sharpness)))
+                    masks, logits, image, phase_mask, self.pooled_intensity_sharpness)))
                 logits = logits + pooled[-1]
             preds.append((logits, masks, z))
             return attention_mask(masks, next_size)
