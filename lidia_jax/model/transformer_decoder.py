@@ -202,9 +202,12 @@ class TransformerDecoder(nn.Module):
         table = lambda name: self.param(name, nn.with_logical_partitioning(
             nn.initializers.normal(1.0), ("queries", "embed")), (self.num_queries, e),
             jnp.float32)
+        # Broadcast over the batch through a zero taken from the input: with sharding in types
+        # (an Explicit mesh axis) the queries are then split over the batch like everything else.
+        zero = memories[0][:, :1, :1] * 0  # [B, 1, 1]
         query_feat = table("query_feat")
-        query_pos = jnp.broadcast_to(table("query_pos")[None], (b, self.num_queries, e))
-        output = jnp.broadcast_to(query_feat[None], (b, self.num_queries, e))
+        query_pos = table("query_pos")[None] + zero
+        output = query_feat[None] + zero
 
         heads = PredictionHeads(self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
                                 name="heads")
