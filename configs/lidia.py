@@ -160,6 +160,10 @@ def _paper():
   c.loss.match_class = 2.0  # Mask2Former matcher
   c.loss.match_mask = 5.0
   c.loss.match_dice = 5.0
+  # Where the matcher compares masks: "points", Mask2Former's uniform random points (num_points);
+  # "grid", every voxel of the masks' grid, the targets as covered fractions (README, "Matching
+  # on the masks' grid").
+  c.loss.match_on = "points"
   c.loss.contrastive = "acl"  # acl | supcon | none
   c.loss.temperature = 0.1
   c.loss.memory_size = 1024

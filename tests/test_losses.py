@@ -192,6 +192,99 @@ def test_matching_cost_matches_pair_loop():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_area_fractions_match_block_loop():
+    rng = np.random.default_rng(7)
+    masks = rng.random((2, 3, 4, 6, 8)) < 0.3
+    got = np.asarray(matching_cost.area_fractions(jnp.asarray(masks), (2, 3, 2)))
+    want = np.zeros((2, 3, 2, 3, 2))
+    for idx in np.ndindex(want.shape):
+        z, y, x = idx[2:]
+        want[idx] = masks[idx[0], idx[1], 2 * z:2 * z + 2, 2 * y:2 * y + 2, 4 * x:4 * x + 4].mean()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="divide the patch"):
+        matching_cost.area_fractions(jnp.asarray(masks), (3, 3, 2))
+
+
+def test_match_on_grid_is_optimal_against_scipy():
+    """The grid matcher's assignment costs what scipy's optimum of the same cost (built by a
+    loop over the grid's voxels, targets as covered fractions) costs."""
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(8)
+    q, t, k = 7, 4, 4
+    cfg = load_config("smoke").loss
+    cl = rng.normal(size=(q, k + 1)).astype(np.float32)
+    logits = (rng.normal(size=(q, 2, 3, 3)) * 3).astype(np.float32)
+    masks = rng.random((t, 4, 6, 6)) < 0.2
+    classes = np.array([0, 2, 1, 3])
+    valid = np.array([True, True, True, False])
+    fractions = matching_cost.area_fractions(jnp.asarray(masks), (2, 3, 3))
+    got = np.asarray(matching_cost.match_on_grid(
+        jnp.asarray(cl), jnp.asarray(logits), jnp.asarray(classes), fractions,
+        jnp.asarray(valid), cfg))
+    frac = masks.reshape(t, 2, 2, 3, 2, 3, 2).mean(axis=(2, 4, 6)).reshape(t, -1)
+    x = logits.reshape(q, -1)
+    cost = np.zeros((q, t))
+    for i in range(q):
+        for j in range(t):
+            cost[i, j] = (-cfg.match_class * np_softmax(cl[i])[classes[j]]
+                          + cfg.match_mask * np.mean(np_bce(x[i], frac[j]))
+                          + cfg.match_dice * np_dice(x[i], frac[j]))
+    rows, cols = linear_sum_assignment(cost[:, valid])
+    assert len(set(got[valid])) == valid.sum()
+    np.testing.assert_allclose(cost[got[valid], np.flatnonzero(valid)].sum(),
+                               cost[rows, cols].sum(), rtol=1e-5)
+
+
+def test_grid_matching_finds_a_small_lesion_by_its_mask():
+    """Two queries name the lesion's class equally; only one's mask covers the 2x2x2-voxel
+    lesion. On the grid the matcher takes it; 64 uniform points over the 16x32x32 patch would
+    hit the lesion with probability 1 - (1 - 8 / 16384) ** 64, about 3%."""
+    cfg = load_config("smoke").loss
+    k = 4
+    masks = np.zeros((1, 16, 32, 32), bool)
+    masks[0, 6:8, 10:12, 20:22] = True
+    logits = np.full((3, 8, 16, 16), -6.0, np.float32)
+    logits[1, 3, 5, 10] = 6.0  # over the lesion (the grid cell of its 2x2x2 voxels)
+    logits[2, 1, 12, 3] = 6.0  # as confident, elsewhere
+    cl = np.zeros((3, k + 1), np.float32)
+    cl[1:, 2] = 4.0
+    got = matching_cost.match_on_grid(
+        jnp.asarray(cl), jnp.asarray(logits), jnp.asarray([2]),
+        matching_cost.area_fractions(jnp.asarray(masks), (8, 16, 16)), jnp.asarray([True]), cfg)
+    assert int(got[0]) == 1
+
+
+def test_compute_loss_matching_on_the_grid():
+    """match_on="grid" on masks at half the targets' resolution: finite loss and gradients, and
+    perfect predictions are matched to their targets (lesion accuracy 1, no class loss)."""
+    cfg = load_config("smoke")
+    cfg.loss.match_on = "grid"
+    outputs, batch = _model_shaped(4, cfg)
+    k, t = cfg.model.num_classes, cfg.data.max_instances
+    fine = np.asarray(batch["masks"])
+    half = np.asarray(matching_cost.area_fractions(jnp.asarray(fine), tuple(
+        n // 2 for n in fine.shape[2:])))
+    masks = np.full(outputs["masks"].shape[:3] + half.shape[2:], -30.0, np.float32)
+    logits = np.zeros(outputs["logits"].shape, np.float32)
+    logits[..., k] = 30.0
+    for b, i in zip(*np.nonzero(np.asarray(batch["valid"]))):
+        masks[:, b, 2 + i] = np.where(half[b, i] > 0.5, 30.0, -30.0)
+        logits[:, b, 2 + i, int(batch["classes"][b, i])] = 30.0
+        logits[:, b, 2 + i, k] = 0.0
+    memory = init_memory(cfg.loss.memory_size, cfg.model.acl_dim)
+    f = jax.jit(jax.value_and_grad(lambda o, b, m, r: compute_loss(o, b, m, r, cfg),
+                                   has_aux=True))
+    (loss, aux), grads = f(dict(outputs, masks=jnp.asarray(masks), logits=jnp.asarray(logits)),
+                           batch, memory, jax.random.PRNGKey(0))
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert float(aux["metrics"]["matched_lesion_accuracy"]) == 1.0
+    assert float(aux["metrics"]["loss_cls"]) < 1e-6
+    cfg.loss.match_on = "voxels"
+    with pytest.raises(ValueError, match="match_on"):
+        compute_loss(outputs, batch, memory, jax.random.PRNGKey(0), cfg)
+
+
 # ------------------------------------------------------------ classification
 @pytest.mark.parametrize("kind", ["focal", "ce"])
 def test_classification_matches_loop(kind):

@@ -71,7 +71,8 @@ def _layer_losses(noise, class_logits, mask_logits, pooled_logits, targets, conf
       class_logits: [B, Q, K+1]; mask_logits: [B, Q, d, h, w] (float32).
       pooled_logits: [B, Q, K+1], the mask-pooled head's term of class_logits, or None.
       targets: dict masks bool [B, T, D, H, W], classes int [B, T],
-        valid bool [B, T], cumsum int32 [B, T, D*H*W], num_masks scalar.
+        valid bool [B, T], cumsum int32 [B, T, D*H*W], num_masks scalar, and with
+        config.loss.match_on "grid" fractions [B, T, d, h, w] (matching_cost.area_fractions).
       config: full config.
 
     Returns:
@@ -82,10 +83,15 @@ def _layer_losses(noise, class_logits, mask_logits, pooled_logits, targets, conf
     num_classes = config.model.num_classes
     b, t = targets["classes"].shape
     num_match = 3 * int(cl.num_points)
-    match_points = noise[:, :num_match].reshape(b, -1, 3)
-    idx = jax.vmap(matching_cost.match, in_axes=(0, 0, 0, 0, 0, 0, None))(
-        match_points, class_logits, mask_logits,
-        targets["classes"], targets["masks"], targets["valid"], cl)
+    if "fractions" in targets:  # config.loss.match_on == "grid"
+        idx = jax.vmap(matching_cost.match_on_grid, in_axes=(0, 0, 0, 0, 0, None))(
+            class_logits, mask_logits, targets["classes"], targets["fractions"],
+            targets["valid"], cl)
+    else:
+        match_points = noise[:, :num_match].reshape(b, -1, 3)
+        idx = jax.vmap(matching_cost.match, in_axes=(0, 0, 0, 0, 0, 0, None))(
+            match_points, class_logits, mask_logits,
+            targets["classes"], targets["masks"], targets["valid"], cl)
     idx = jax.lax.stop_gradient(idx)
 
     matched = jnp.take_along_axis(mask_logits, idx[:, :, None, None, None],
@@ -179,6 +185,12 @@ def mask2former_loss(outputs, batch, memory, rng, config):
             batch["masks"].astype(bool)),
         "num_masks": num_masks,
     }
+    match_on = cl.get("match_on", "points")
+    if match_on == "grid":  # once per step: the targets are the same for every layer
+        targets["fractions"] = matching_cost.area_fractions(targets["masks"],
+                                                            mask_logits.shape[-3:])
+    elif match_on != "points":
+        raise ValueError(f"config.loss.match_on={match_on!r}; expected 'points' or 'grid'")
     # A single PRNG draw for everything: each threefry call site adds seconds
     # of XLA:CPU compile time.
     noise = jax.random.uniform(

@@ -72,3 +72,40 @@ def match(points, class_logits, mask_logits, target_classes, target_masks,
                          target_classes, sample(target_masks, points),
                          config_loss)
     return hungarian(cost, target_valid)
+
+
+def area_fractions(masks, grid_shape):
+    """bool/float [..., D, H, W] -> float32 [..., d, h, w]: the fraction of each cell of the
+    coarser grid (D/d x H/h x W/w voxels; the factors must be whole) that the mask covers."""
+    full = masks.shape[-3:]
+    if any(n % g for n, g in zip(full, grid_shape)):
+        raise ValueError(f"config.loss.match_on='grid' needs the masks' grid {tuple(grid_shape)} "
+                         f"to divide the patch {tuple(full)}")
+    shape = masks.shape[:-3]
+    for n, g in zip(full, grid_shape):
+        shape += (g, n // g)
+    x = masks.astype(jnp.float32).reshape(shape)
+    return x.mean(axis=tuple(range(masks.ndim - 2, x.ndim, 2)))
+
+
+def match_on_grid(class_logits, mask_logits, target_classes, target_fractions, target_valid,
+                  config_loss):
+    """Hungarian matching of one sample on every voxel of the masks' grid (no gradient).
+
+    Mask2Former's matcher compares masks on uniform random points. On a 3-D patch they are
+    sparse: the demo's 2,048 points over 24 x 48 x 48 voxels put 1.7 points, on average, in a
+    46-voxel lesion, and none in 18% of draws, so a small lesion's query is chosen by its class
+    alone. The masks' own grid is small enough to use whole (12 x 24 x 24 in the demo), with the
+    targets as the fraction of each grid cell they cover.
+
+    Args:
+      class_logits: [Q, K+1]; mask_logits: [Q, d, h, w]; target_classes: int [T];
+      target_fractions: [T, d, h, w] (area_fractions of the target masks); target_valid: bool [T].
+    Returns:
+      int32 [T] as `match`.
+    """
+    class_logits = jax.lax.stop_gradient(class_logits)
+    logits = jax.lax.stop_gradient(mask_logits).reshape(mask_logits.shape[0], -1)
+    cost = matching_cost(class_logits, logits, target_classes,
+                         target_fractions.reshape(target_fractions.shape[0], -1), config_loss)
+    return hungarian(cost, target_valid)
