@@ -260,7 +260,7 @@ def test_compute_loss_matching_on_the_grid():
     cfg = load_config("smoke")
     cfg.loss.match_on = "grid"
     outputs, batch = _model_shaped(4, cfg)
-    k, t = cfg.model.num_classes, cfg.data.max_instances
+    k = cfg.model.num_classes
     fine = np.asarray(batch["masks"])
     half = np.asarray(matching_cost.area_fractions(jnp.asarray(fine), tuple(
         n // 2 for n in fine.shape[2:])))
