@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lidia_jax.model import partitioning
+
 IMPLS = ("auto", "xla", "planes", "matmul")
 
 # "planes" concatenates the depth taps on the channel axis (one 2-D convolution) when
@@ -233,13 +235,13 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
                          "one stride per spatial axis)")
     fn = {"xla": conv_xla, "planes": conv_planes,
           "matmul": conv_matmul}[resolve_impl(impl, len(ksize))]
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-    if any(axis is not None for axis in spec):
+    split = partitioning.batch_split_in_type(x)
+    if split is not None:
         # Sharding in types (an Explicit mesh axis): jax has no sharding rule for a convolution's
         # kernel gradient over a split batch, so the convolution runs with the mesh's axes
         # switched to Auto (XLA's partitioner sums the gradient), its output split as x is.
         return jax.sharding.auto_axes(lambda x, k: fn(x, k, strides, precision),
-                                      out_sharding=jax.sharding.PartitionSpec(spec[0]))(x, kernel)
+                                      out_sharding=jax.sharding.PartitionSpec(split))(x, kernel)
     return fn(x, kernel, strides, precision)
 
 

@@ -25,6 +25,8 @@ Logical axes:
 
 from typing import Tuple
 
+import jax
+
 _REPLICATED = (
     ("conv_in", None), ("conv_out", None), ("embed", None), ("qkv", None), ("mlp", None),
     ("classes", None), ("mask", None), ("acl", None), ("queries", None), ("norm", None),
@@ -53,3 +55,13 @@ def logical_axis_rules(param_sharding: str = "logical") -> Tuple[Tuple[str, str 
         raise ValueError(f"config.train.param_sharding={param_sharding!r}: expected one of "
                          f"{sorted(_BY_MODE)}")
     return _BY_MODE[param_sharding]
+
+
+def batch_split_in_type(x):
+    """The mesh axis that x's leading (batch) axis is split over in its type, or None.
+
+    Only sharding in types (an Explicit mesh axis) shows here; on Auto meshes (the trainer's)
+    the partitioner decides and this is None.
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    return spec[0] if len(spec) else None

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lidia_jax.model import mask_pooling
+from lidia_jax.model import partitioning
 from lidia_jax.model.layers import dense, layer_norm
 from lidia_jax.model.position import sine_position_3d
 
@@ -202,12 +203,15 @@ class TransformerDecoder(nn.Module):
         table = lambda name: self.param(name, nn.with_logical_partitioning(
             nn.initializers.normal(1.0), ("queries", "embed")), (self.num_queries, e),
             jnp.float32)
-        # Broadcast over the batch through a zero taken from the input: with sharding in types
-        # (an Explicit mesh axis) the queries are then split over the batch like everything else.
-        zero = memories[0][:, :1, :1] * 0  # [B, 1, 1]
         query_feat = table("query_feat")
-        query_pos = table("query_pos")[None] + zero
-        output = query_feat[None] + zero
+        query_pos = jnp.broadcast_to(table("query_pos")[None], (b, self.num_queries, e))
+        output = jnp.broadcast_to(query_feat[None], (b, self.num_queries, e))
+        if partitioning.batch_split_in_type(memories[0]) is not None:
+            # Sharding in types (an Explicit mesh axis): split the queries over the batch like
+            # everything else. (On Auto meshes the partitioner decides; a constraint there would
+            # change the reduction order of their gradient.)
+            split = jax.typeof(memories[0]).sharding
+            query_pos, output = (jax.sharding.reshard(x, split) for x in (query_pos, output))
 
         heads = PredictionHeads(self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
                                 name="heads")
