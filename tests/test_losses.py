@@ -64,6 +64,18 @@ def np_softmax(x):
     return e / e.sum()
 
 
+def np_matching_cost(cl, x, classes, targets, cfg):
+    """Mask2Former's matching cost [Q, T] by a loop over (query, target) pairs: class logits
+    cl [Q, K+1], mask logits x [Q, P] and targets [T, P] at the same P points or voxels."""
+    cost = np.zeros((len(x), len(targets)))
+    for i in range(len(x)):
+        for j in range(len(targets)):
+            cost[i, j] = (-cfg.match_class * np_softmax(cl[i])[classes[j]]
+                          + cfg.match_mask * np.mean(np_bce(x[i], targets[j]))
+                          + cfg.match_dice * np_dice(x[i], targets[j]))
+    return cost
+
+
 # ------------------------------------------------------------ points
 @pytest.mark.parametrize("shape", [(4, 5, 6), (1, 3, 2), (2, 1, 7)])
 def test_trilinear_matches_naive_loop(shape):
@@ -183,13 +195,7 @@ def test_matching_cost_matches_pair_loop():
     got = np.asarray(matching_cost.matching_cost(
         jnp.asarray(cl, jnp.float32), jnp.asarray(x, jnp.float32),
         jnp.asarray(tc), jnp.asarray(tg, jnp.float32), cfg))
-    want = np.zeros((q, t))
-    for i in range(q):
-        for j in range(t):
-            want[i, j] = (-cfg.match_class * np_softmax(cl[i])[tc[j]]
-                          + cfg.match_mask * np.mean(np_bce(x[i], tg[j]))
-                          + cfg.match_dice * np_dice(x[i], tg[j]))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, np_matching_cost(cl, x, tc, tg, cfg), rtol=1e-5, atol=1e-5)
 
 
 def test_area_fractions_match_block_loop():
@@ -223,12 +229,7 @@ def test_match_on_grid_is_optimal_against_scipy():
         jnp.asarray(valid), cfg))
     frac = masks.reshape(t, 2, 2, 3, 2, 3, 2).mean(axis=(2, 4, 6)).reshape(t, -1)
     x = logits.reshape(q, -1)
-    cost = np.zeros((q, t))
-    for i in range(q):
-        for j in range(t):
-            cost[i, j] = (-cfg.match_class * np_softmax(cl[i])[classes[j]]
-                          + cfg.match_mask * np.mean(np_bce(x[i], frac[j]))
-                          + cfg.match_dice * np_dice(x[i], frac[j]))
+    cost = np_matching_cost(cl, x, classes, frac, cfg)
     rows, cols = linear_sum_assignment(cost[:, valid])
     assert len(set(got[valid])) == valid.sum()
     np.testing.assert_allclose(cost[got[valid], np.flatnonzero(valid)].sum(),

@@ -55,6 +55,15 @@ def test_sharded_step_equals_single_device(tmp_path):
     assert single["losses"][0] != single["losses"][1]
 
 
+def _run_snippet(code, *args, cwd=None):
+    """Runs `code` with 4 host devices in a fresh process (the device count is fixed when jax
+    starts); it must succeed and print "ok" last."""
+    out = subprocess.run([sys.executable, "-c", code, *args], env=_env(4), cwd=cwd,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
 _SHARDED_CONV = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
@@ -91,10 +100,7 @@ def test_conv_sharded_equals_single_device(impl, axis_type):
     24 planes of 1,440 voxels: kernel gradient in chunks of 22 and 2 planes, across the shards)
     on the trainer's Auto mesh; on an Explicit mesh, where jax has no sharding rule for the
     kernel gradient, both implementations (conv runs them under auto_axes)."""
-    out = subprocess.run([sys.executable, "-c", _SHARDED_CONV, impl, axis_type], env=_env(4),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    _run_snippet(_SHARDED_CONV, impl, axis_type)
 
 
 _EXPLICIT_FORWARD = """
@@ -125,10 +131,7 @@ def test_model_forward_on_explicit_mesh_equals_single_device():
     """The model's forward pass with the batch split over an Explicit mesh axis (sharding in
     types) gives the single-device outputs, split over the batch (the trainer's meshes are
     Auto; the objective does not yet run with sharding in types)."""
-    out = subprocess.run([sys.executable, "-c", _EXPLICIT_FORWARD], env=_env(4), cwd=ROOT / "tests",
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().endswith("ok")
+    _run_snippet(_EXPLICIT_FORWARD, cwd=ROOT / "tests")
 
 
 @pytest.mark.slow

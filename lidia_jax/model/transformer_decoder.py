@@ -206,12 +206,13 @@ class TransformerDecoder(nn.Module):
         query_feat = table("query_feat")
         query_pos = jnp.broadcast_to(table("query_pos")[None], (b, self.num_queries, e))
         output = jnp.broadcast_to(query_feat[None], (b, self.num_queries, e))
-        if partitioning.batch_split_in_type(memories[0]) is not None:
+        split = partitioning.batch_split_in_type(memories[0])
+        if split is not None:
             # Sharding in types (an Explicit mesh axis): split the queries over the batch like
             # everything else. (On Auto meshes the partitioner decides; a constraint there would
             # change the reduction order of their gradient.)
-            split = jax.typeof(memories[0]).sharding
-            query_pos, output = (jax.sharding.reshard(x, split) for x in (query_pos, output))
+            query_pos, output = (jax.sharding.reshard(x, jax.sharding.PartitionSpec(split))
+                                 for x in (query_pos, output))
 
         heads = PredictionHeads(self.num_classes, self.mask_dim, self.acl_dim, self.dtype,
                                 name="heads")
