@@ -1,6 +1,9 @@
 """Training objective: matching costs, L_seg, L_focal, L_acl (Eq. 3-6) and the
 nnU-Net baseline's Dice + CE. Every function is pure and jittable."""
 
+import jax
+
+from lidia_jax.model import partitioning
 from lidia_jax.objective.contrastive import contrastive_loss
 from lidia_jax.objective.contrastive import init_memory
 from lidia_jax.objective.contrastive import update_memory
@@ -24,6 +27,19 @@ def compute_loss(outputs, batch, memory, rng, config):
     Returns:
       (loss scalar, {"metrics": dict of scalars, "memory": new memory}).
     """
+    split = partitioning.batch_split_in_type(batch["valid"])
+    if split is not None:
+        # Sharding in types (an Explicit mesh axis): the per-sample vmaps (matching, point
+        # sampling's searchsorted) meet operands that jax cannot split alike (the replicated
+        # noise), so the objective runs with the mesh's axes switched to Auto, as on the
+        # trainer's meshes; the loss, metrics and bank come back replicated.
+        return jax.sharding.auto_axes(
+            lambda o, b, m, r: _compute_loss(o, b, m, r, config),
+            out_sharding=jax.sharding.PartitionSpec())(outputs, batch, memory, rng)
+    return _compute_loss(outputs, batch, memory, rng, config)
+
+
+def _compute_loss(outputs, batch, memory, rng, config):
     if "seg_logits" in outputs:
         loss, metrics = per_voxel_loss(outputs, batch, config)
         return loss, {"metrics": metrics, "memory": memory}
