@@ -151,6 +151,14 @@ def test_forward_and_loss_on_explicit_mesh_equal_single_device():
     _run_snippet(_EXPLICIT_STEP, cwd=ROOT / "tests")
 
 
+def test_batch_that_does_not_split_over_the_mesh_is_an_actionable_error():
+    from lidia_jax.train import sharding as sharding_lib
+    mesh = jax.sharding.AbstractMesh((4,), ("data",))
+    sharding_lib.check_batch_size(8, mesh)
+    with pytest.raises(ValueError, match="batch_size=2 does not split .* 4 devices"):
+        sharding_lib.check_batch_size(2, mesh)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()

@@ -35,6 +35,16 @@ def make_mesh(mesh_axes, devices=None):
     return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
+def check_batch_size(batch_size, mesh):
+    """Raises an actionable error unless the global batch splits evenly over the `data` axis."""
+    data_size = dict(mesh.shape).get("data", 1)
+    if batch_size % data_size:
+        raise ValueError(
+            f"config.input.batch_size={batch_size} does not split over the mesh's 'data' axis "
+            f"of {data_size} devices: set --config.input.batch_size to a multiple of "
+            f"{data_size}, or --config.train.mesh_axes to use fewer devices for the batch.")
+
+
 def batch_sharding(mesh):
     """The leading (batch) axis split over the `data` axis, the rest replicated."""
     return NamedSharding(mesh, P("data"))

@@ -204,6 +204,7 @@ def train_and_evaluate(config, workdir, log=print):
 
     # --- Mesh, model, optimiser, and the state initialised straight into its shardings.
     mesh = sharding_lib.make_mesh(config.train.mesh_axes)
+    sharding_lib.check_batch_size(config.input.batch_size, mesh)
     num_steps = num_train_steps(config)
     model = model_lib.build_model(config.model)
     tx = optimizer_lib.make_optimizer(config.optim, num_steps)
