@@ -293,9 +293,10 @@ def _demo(c):
   c.model.pooled_intensity_sharpness = 4
   c.loss.num_points = 2048
   c.loss.layers_in_parallel = 1  # (objective) CPU-friendly
-  # At 2,400 steps of batch 2 the focal loss leaves unmatched queries at a median no-object probability of
-  # 0.44 (cross-entropy: 0.95); the rest of their class mass, over untrained masks, adds lesion
-  # scores across the liver in semantic inference. Cross-entropy gave fewer false lesions (README).
+  # At 2,400 steps of batch 2 the focal loss leaves unmatched queries at a median no-object
+  # probability of 0.44 (cross-entropy: 0.95); the rest of their class mass, over untrained masks,
+  # adds lesion scores across the liver in semantic inference. Cross-entropy gave fewer false
+  # lesions (README).
   c.loss.cls_loss = "ce"
   c.optim.lr = 2e-3
   c.optim.weight_decay = 1e-4
