@@ -27,7 +27,7 @@ def compute_loss(outputs, batch, memory, rng, config):
     Returns:
       (loss scalar, {"metrics": dict of scalars, "memory": new memory}).
     """
-    split = partitioning.batch_split_in_type(batch["valid"])
+    split = partitioning.batch_split_in_type(jax.tree.leaves(batch)[0])  # every leaf [B, ...]
     if split is not None:
         # Sharding in types (an Explicit mesh axis): the per-sample vmaps (matching, point
         # sampling's searchsorted) meet operands that jax cannot split alike (the replicated
