@@ -21,8 +21,9 @@ Rows (paper section 4):
   Table 3, Mask2Former head, one change per row:
     t3_baseline (early fusion, CE, volume score, no contrastive loss, no SAM), t3_focal
     (+focal loss), t3_livermax (+LiverMax), t3_ifm (+IFM), t3_acl (+ACL), t3_sam (+SAM = LIDIA);
-    all without this project's mask-pooled intensity logits (pooled=0). Beyond the paper:
-    t3_pooled, t3_acl with them (pooled=1) and cross-entropy: the demo config.
+    all without this project's mask-pooled intensity logits and auxiliary semantic map (pooled=0,
+    aux_semantic=0). Beyond the paper: t3_pooled, t3_acl with both (pooled=1,
+    aux_semantic=0.5) and cross-entropy: the demo config.
   delayed: LIDIA (t3_sam's checkpoint) evaluated on the same test cases with the delayed
     phase removed from every case (D channel zeroed, phase_mask[3] False); the table gives the
     per-class AUC with D, without D and the difference.
@@ -66,11 +67,11 @@ Row = collections.namedtuple("Row", "table label overrides source", defaults=(No
 # Per-voxel rows at lr 1e-2: at the demo's 2e-3 the U-Net's held-out lesion-voxel class accuracy
 # after 400 steps was 0.056, at 1e-2 0.226 (nnU-Net's SGD, 1e-2 / 0.99: 0.115); README.
 _T2 = ("head=per_voxel", "patient_score=volume", "sam=0", "contrastive=none", "lr=1e-2",
-       "pooled=0")
-# The paper's Mask2Former rows leave out this project's mask-pooled intensity logits (on in the
-# demo config); t3_pooled adds them to t3_acl, with the demo's cross-entropy class loss, which
-# makes it the demo config itself.
-_T3 = ("head=mask2former", "delayed=1", "pooled=0")
+       "pooled=0", "aux_semantic=0")
+# The paper's Mask2Former rows leave out this project's mask-pooled intensity logits and
+# auxiliary semantic map (both on in the demo config); t3_pooled adds them to t3_acl, with the
+# demo's cross-entropy class loss, which makes it the demo config itself.
+_T3 = ("head=mask2former", "delayed=1", "pooled=0", "aux_semantic=0")
 ROWS = collections.OrderedDict([
     ("t2_early", Row(2, "Baseline nnU-Net (early fusion, no delayed phase)",
                      _T2 + ("fusion=early", "delayed=0"))),
@@ -93,9 +94,11 @@ ROWS = collections.OrderedDict([
     ("t3_sam", Row(3, "+SAM (LIDIA)", _T3 + ("fusion=ifm", "cls_loss=focal",
                                              "patient_score=livermax", "contrastive=acl",
                                              "sam=1"))),
-    ("t3_pooled", Row(3, "t3_acl + mask-pooled intensity logits, CE (not in the paper; the demo)",
+    ("t3_pooled", Row(3, "t3_acl + mask-pooled intensity logits, auxiliary semantic map, CE "
+                         "(not in the paper; the demo)",
                       ("head=mask2former", "delayed=1", "fusion=ifm", "cls_loss=ce",
-                       "patient_score=livermax", "contrastive=acl", "sam=0", "pooled=1"))),
+                       "patient_score=livermax", "contrastive=acl", "sam=0", "pooled=1",
+                       "aux_semantic=0.5"))),
 ])
 DELAYED = "delayed"  # LIDIA without the delayed phase at test time
 DELAYED_SOURCE = "t3_sam"

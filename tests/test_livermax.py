@@ -67,3 +67,34 @@ def test_volume_and_query_scores():
     assert malig == pytest.approx(aux[3])
     with pytest.raises(ValueError, match="per_voxel"):
         lm.query_max_scores(None, names, ("HCC",))
+
+
+def test_diagnose_segments_the_blend_and_scores_the_queries_map():
+    """With config.inference.aux_semantic_blend the tiles carry 20 channels: the segmentation
+    comes from the first ten (the blend), LiverMax from the last ten (the queries' map)."""
+    from conftest import load_config
+    from lidia_jax.inference import diagnose
+
+    config = load_config("smoke")
+    config.inference.overlap = 0.0
+    config.inference.min_lesion_volume_mm3 = 0.0
+    shape = tuple(config.input.patch_size)
+    seg_map = np.zeros(shape + (10,), np.float32)
+    seg_map[..., 1] = 1.0  # all liver, with a 4x4x4 HCC block (code 2)
+    seg_map[4:8, 4:8, 4:8] = np.eye(10)[2]
+    score_map = np.full(shape + (10,), 0.01, np.float32)
+    score_map[..., 1] = 0.91
+    score_map[0, 0, 0, 6] = 0.3  # the queries' map: evidence of FNH (code 6), none of HCC
+
+    def tile_fn(tiles, phase_mask):
+        b = tiles.shape[0]
+        return np.broadcast_to(np.concatenate([seg_map, score_map], -1), (b,) + shape + (20,)), None
+
+    diag = diagnose.diagnose_volume(np.zeros(shape + (4,), np.float32), [True] * 4, tile_fn,
+                                    (6.0, 6.0, 6.0), config)
+    assert diag.probs.shape == shape + (10,)
+    assert [l["label"] for l in diag.lesions] == [2]
+    assert (diag.seg == 2).sum() == 64
+    expected = np.full(8, 0.01)
+    expected[4] = 0.3
+    np.testing.assert_allclose(diag.patient_probabilities, expected, atol=1e-3)

@@ -589,6 +589,42 @@ def test_pooled_target_term_adds_to_the_total():
     assert "loss_pooled_target" not in plain_aux["metrics"]
 
 
+def test_aux_semantic_term_adds_upsampled_dice_ce():
+    """outputs["aux_seg_logits"] (model.aux_semantic), on a grid half the labels', adds
+    aux_semantic_weight x (CE + Dice) of the logits upsampled trilinearly to the labels' grid
+    (scipy's zoom, order 1, half-voxel centres), and nothing else."""
+    import scipy.ndimage
+
+    cfg = load_config("smoke,contrastive=none")
+    cfg.loss.deep_supervision = False
+    cfg.loss.aux_semantic_weight = 2.0
+    outputs, batch = _model_shaped(9, cfg)
+    rng = np.random.default_rng(9)
+    shape = tuple(cfg.input.patch_size)
+    coarse = rng.normal(size=(2,) + tuple(s // 2 for s in shape) + (10,))
+    sem = rng.integers(0, 10, (2,) + shape)
+    f = jax.jit(lambda o, b, r: compute_loss(o, b, None, r, cfg))
+    key = jax.random.PRNGKey(3)
+    plain, plain_aux = f(outputs, dict(batch, semantic=jnp.asarray(sem, jnp.int32)), key)
+    loss, aux = f(dict(outputs, aux_seg_logits=jnp.asarray(coarse, jnp.float32)),
+                  dict(batch, semantic=jnp.asarray(sem, jnp.int32)), key)
+
+    up = scipy.ndimage.zoom(coarse, (1, 2, 2, 2, 1), order=1, grid_mode=True, mode="nearest")
+    prob = np.exp(up - up.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    onehot = np.eye(10)[sem]
+    ce = -np.mean(np.log(np.sum(prob * onehot, -1)))
+    tp = np.sum(prob * onehot, (0, 1, 2, 3))[1:]
+    fp = np.sum(prob * (1 - onehot), (0, 1, 2, 3))[1:]
+    fn = np.sum((1 - prob) * onehot, (0, 1, 2, 3))[1:]
+    dice = 1 - np.mean((2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5))
+    m = aux["metrics"]
+    np.testing.assert_allclose([m["loss_aux_semantic_ce"], m["loss_aux_semantic_dice"]],
+                               [ce, dice], rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(plain) + 2.0 * (ce + dice), rtol=1e-5)
+    assert "loss_aux_semantic_ce" not in plain_aux["metrics"]
+
+
 def test_pooled_alone_term_uses_the_class_loss_labels():
     """pooled_alone_weight adds cls_weight x weight x the class loss of outputs["pooled_logits"]
     with the same matching and labels: given the class logits themselves as the pooled logits,

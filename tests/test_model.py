@@ -87,6 +87,24 @@ def test_demo_and_paper_mask_resolution():
     assert out["masks"].shape == (cfg.dec_layers + 1, 1, cfg.num_queries, 8, 16, 16)
 
 
+def test_aux_semantic_map_on_the_mask_grid():
+    """model.aux_semantic adds [B, d, h, w, 10] label-code logits on the mask features' grid,
+    a linear map of them; without it there is no such output."""
+    cfg = load_config("demo").model
+    cfg.aux_semantic = False
+    x, pm = inputs(1, shape=(16, 32, 32))
+    out = jax.eval_shape(lambda: build_model(cfg).init_with_output(
+        jax.random.PRNGKey(0), x, pm)[0])
+    assert "aux_seg_logits" not in out
+    cfg.aux_semantic = True
+    model = build_model(cfg)
+    out, variables = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x, pm))
+    assert out["aux_seg_logits"].shape == (1, 8, 16, 16, 10)
+    assert out["aux_seg_logits"].dtype == jnp.float32
+    kernel = nn.meta.unbox(variables)["params"]["aux_semantic"]["kernel"]
+    assert kernel.shape == (cfg.mask_dim, 10)
+
+
 def test_bad_inputs_raise_actionable_errors():
     model = smoke_model()
     x, pm = inputs(1)

@@ -109,8 +109,12 @@ def test_ablation_rows_are_valid_configs(ablation):
     pooled = {n for n in ablation.ROWS
               if ablation.row_config("demo", n, "/r").model.pooled_intensity}
     assert pooled == {"t3_pooled"}  # the paper's rows are the paper's model
+    aux = {n for n in ablation.ROWS
+           if ablation.row_config("demo", n, "/r").model.aux_semantic}
+    assert aux == {"t3_pooled"}
     demo, row = load_config("demo"), ablation.row_config("demo", "t3_pooled", "/r")
     assert row.model == demo.model and row.loss == demo.loss and row.optim == demo.optim
+    assert row.inference == demo.inference
 
 
 def test_ablation_dry_run_commands(ablation, capsys, tmp_path):

@@ -217,6 +217,44 @@ def test_objectness_weighting_silences_half_sure_queries_only():
         semantic.mask2former_semantic(jnp.asarray(logits), jnp.asarray(masks), (1, 1, 1), "max")
 
 
+def test_aux_semantic_blend_mixes_the_per_voxel_map():
+    """aux_semantic_blend w: channels 0-9 are (1 - w) x the queries' label probabilities + w x
+    the softmax of the auxiliary logits resized trilinearly to the tile (numpy), a simplex per
+    voxel; channels 10-19 the queries' own, for LiverMax. Without the auxiliary output a blend
+    is an actionable error."""
+    rng = np.random.default_rng(7)
+    b, q, k = 1, 4, 9
+    tile = (4, 6, 8)
+    outputs = {"logits": jnp.asarray(rng.normal(size=(1, b, q, k + 1)), jnp.float32),
+               "masks": jnp.asarray(rng.normal(size=(1, b, q, 2, 3, 4)) * 3, jnp.float32),
+               "aux_seg_logits": jnp.asarray(rng.normal(size=(b, 2, 3, 4, 10)), jnp.float32)}
+    plain, _ = semantic.outputs_to_probs(outputs, "mask2former", tile)
+    blended, _ = semantic.outputs_to_probs(outputs, "mask2former", tile, "none", 0.25)
+    up = np.asarray(outputs["aux_seg_logits"])
+    for axis, size in zip((1, 2, 3), tile):
+        up = _resize_linear_np(up, axis, size)
+    soft = np.exp(up) / np.exp(up).sum(-1, keepdims=True)
+    assert plain.shape[-1] == 10 and blended.shape[-1] == 20
+    np.testing.assert_allclose(np.asarray(blended[..., :10]),
+                               0.75 * np.asarray(plain) + 0.25 * soft, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(blended[..., :10]).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(blended[..., 10:]), np.asarray(plain))
+    del outputs["aux_seg_logits"]
+    with pytest.raises(ValueError, match="model.aux_semantic"):
+        semantic.outputs_to_probs(outputs, "mask2former", tile, "none", 0.25)
+    # The trainer's and model_tile_predictor's early check of the config.
+    from conftest import load_config
+    cfg = load_config("smoke")
+    cfg.inference.aux_semantic_blend = 0.25
+    with pytest.raises(ValueError, match="model.aux_semantic = True"):
+        semantic.check_settings(cfg)
+    cfg.model.aux_semantic = True
+    semantic.check_settings(cfg)
+    cfg.inference.aux_semantic_blend = 1.5
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        semantic.check_settings(cfg)
+
+
 def test_label_probabilities_hand_values_and_simplex():
     s = np.zeros((4, 9), np.float32)
     s[0] = 0.0  # nothing claims the voxel: background

@@ -238,9 +238,11 @@ def test_nonfinite_batch_is_skipped_and_counted():
     from lidia_jax.train import trainer
 
     config = load_config("smoke")
-    # With the mask-pooled head taught under the true masks: the batch's targets reach the model.
+    # With the mask-pooled head taught under the true masks: the batch's targets reach the model;
+    # and with the auxiliary semantic map, whose loss reads the batch's label codes.
     config.model.pooled_intensity = True
     config.loss.pooled_target_weight = 1.0
+    config.model.aux_semantic = True
     model = model_lib.build_model(config.model)
     tx = optimizer_lib.make_optimizer(config.optim, 10)
     state = jax.jit(lambda r: nn.meta.unbox(trainer.make_init(model, tx, config)(r)))(
@@ -258,6 +260,7 @@ def test_nonfinite_batch_is_skipped_and_counted():
     state, metrics = step(state, fake_batch(config, 2, seed=1))
     assert float(metrics["finite"]) == 1.0
     assert float(metrics["loss_pooled_target"]) > 0
+    assert float(metrics["loss_aux_semantic_ce"]) > 0
     assert int(state.nonfinite_in_a_row) == 0 and int(state.nonfinite_total) == 1
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
                                                         jax.tree.leaves(state.params))]

@@ -74,18 +74,21 @@ def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Call
         config.input.patch_size, inf.tile_batch, inf.overlap, inf.gaussian_sigma_scale,
         out_dtype=np.dtype(inf.get("probs_dtype", "float16")))
     t1 = time.perf_counter()
-    labels = argmax_labels(res.probs)
-    pp = postprocess_lib.postprocess(labels, res.probs, spacing, min_lesion_volumes(config),
+    names = label_names(config)
+    # With inference.aux_semantic_blend the tiles carry the segmentation's blended map, then the
+    # queries' own map for LiverMax (inference/semantic.py); otherwise one map serves both.
+    probs, score_probs = res.probs[..., :len(names)], res.probs[..., -len(names):]
+    labels = argmax_labels(probs)
+    pp = postprocess_lib.postprocess(labels, probs, spacing, min_lesion_volumes(config),
                                      inf.max_liver_distance_mm)
     del labels
     t2 = time.perf_counter()
-    names = label_names(config)
     lesion = lesion_names(config)
     malignant = tuple(config.data.malignant)
     method = inf.patient_score
     if method == "livermax":
         per_class, malignancy = patient_scores.livermax_scores(
-            res.probs, pp.seg >= 1, tuple(names.index(n) for n in malignant))
+            score_probs, pp.seg >= 1, tuple(names.index(n) for n in malignant))
     elif method == "volume":
         voxel_ml = float(np.prod(spacing)) / 1000.0
         lesions = [{"class": names[l["label"]], "volume_ml": l["voxels"] * voxel_ml}
@@ -98,7 +101,7 @@ def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Call
         raise ValueError(f"config.inference.patient_score={method!r}; expected livermax, "
                          "volume or query_max")
     t3 = time.perf_counter()
-    return Diagnosis(probs=res.probs, seg=pp.seg, instances=pp.instances, lesions=pp.lesions,
+    return Diagnosis(probs=probs, seg=pp.seg, instances=pp.instances, lesions=pp.lesions,
                      patient_probabilities=np.asarray(per_class, float),
                      malignancy_probability=float(malignancy),
                      seconds={"sliding_window": t1 - t0, "postprocess": t2 - t1,

@@ -25,6 +25,13 @@ Query weighting (config.inference.query_weighting): "none" is the sum above (Mas
 which damps the half-sure queries whose overlapping, untrained masks otherwise add up to false
 lesions on parenchyma (README, "Query weighting"); a confident query is almost unchanged.
 
+Auxiliary semantic blend (config.inference.aux_semantic_blend = w, with model.aux_semantic):
+  p_seg = (1 - w) p + w softmax(aux_seg_logits resized trilinearly to the tile),
+an ensemble of the queries' map p with the mask features' own per-voxel map, for the
+segmentation only (not in the paper); the tile's probabilities are then [..., 20], p_seg
+followed by p, which LiverMax keeps reading (inference/diagnose.py): blended into the patient
+scores, the per-voxel map's weak class evidence lowered the test AUCs (README).
+
 Per-voxel head: softmax of seg_logits over the 10 label codes.
 """
 
@@ -49,6 +56,21 @@ def check_query_weighting(query_weighting: str):
     if query_weighting not in QUERY_WEIGHTINGS:
         raise ValueError(f"query_weighting {query_weighting!r}; expected one of "
                          f"{QUERY_WEIGHTINGS}")
+
+
+def check_settings(config):
+    """Raises ValueError for config.inference settings of this module that the model or each
+    other reject (the trainer calls it before training, not at the first validation)."""
+    check_query_weighting(config.inference.get("query_weighting", "none"))
+    blend = float(config.inference.get("aux_semantic_blend", 0.0))
+    if not 0.0 <= blend <= 1.0:
+        raise ValueError(f"config.inference.aux_semantic_blend={blend}: expected a weight in "
+                         f"[0, 1]")
+    if blend > 0 and not (config.model.head == "mask2former"
+                          and config.model.get("aux_semantic", False)):
+        raise ValueError(f"config.inference.aux_semantic_blend={blend} needs the Mask2Former "
+                         f"head's auxiliary semantic map: set config.model.aux_semantic = True "
+                         f"(head {config.model.head!r}) or the blend to 0.")
 
 
 def mask2former_semantic(class_logits, mask_logits, tile_shape: Sequence[int],
@@ -114,8 +136,11 @@ def query_liver_scores(class_logits, mask_probs, liver_region):
 
 
 def outputs_to_probs(outputs, head: str, tile_shape: Sequence[int],
-                     query_weighting: str = "none"):
-    """Model outputs on tiles -> (probs [B, pz, py, px, 10], aux [B, K] or None)."""
+                     query_weighting: str = "none", aux_semantic_blend: float = 0.0):
+    """Model outputs on tiles -> (probs [B, pz, py, px, 10 or 20], aux [B, K] or None).
+
+    20 channels with aux_semantic_blend > 0: the segmentation's blend, then the queries' map.
+    """
     if head == "per_voxel":
         return jax.nn.softmax(outputs["seg_logits"].astype(jnp.float32), axis=-1), None
     if head != "mask2former":
@@ -124,6 +149,15 @@ def outputs_to_probs(outputs, head: str, tile_shape: Sequence[int],
     scores, mask_probs = mask2former_semantic(logits, masks, tile_shape, query_weighting)
     probs = label_probabilities(scores)
     aux = query_liver_scores(logits, mask_probs, probs[..., 0] < 0.5)
+    if aux_semantic_blend > 0:
+        if "aux_seg_logits" not in outputs:
+            raise ValueError("config.inference.aux_semantic_blend > 0 needs the auxiliary "
+                             "semantic map: train with config.model.aux_semantic = True.")
+        sem = outputs["aux_seg_logits"].astype(jnp.float32)
+        sem = jax.image.resize(sem, sem.shape[:1] + tuple(tile_shape) + sem.shape[-1:],
+                               method="linear")
+        blend = (1.0 - aux_semantic_blend) * probs + aux_semantic_blend * jax.nn.softmax(sem)
+        probs = jnp.concatenate([blend, probs], axis=-1)
     return probs, aux
 
 
@@ -137,13 +171,13 @@ def mirror_combinations(mirror_axes: Sequence[int]):
 
 
 def _predict_tiles(variables, tiles, phase_mask, *, apply_fn, head, tile_shape, mirror_axes,
-                   query_weighting):
+                   query_weighting, aux_semantic_blend):
     probs_sum, aux_max = None, None
     flips = [()] + mirror_combinations(mirror_axes)
     for axes in flips:
         x = jnp.flip(tiles, axes) if axes else tiles
         probs, aux = outputs_to_probs(apply_fn(variables, x, phase_mask), head, tile_shape,
-                                      query_weighting)
+                                      query_weighting, aux_semantic_blend)
         probs = jnp.flip(probs, axes) if axes else probs
         probs_sum = probs if probs_sum is None else probs_sum + probs
         if aux is not None:
@@ -157,21 +191,23 @@ def _predict_tiles(variables, tiles, phase_mask, *, apply_fn, head, tile_shape, 
 @functools.lru_cache(maxsize=None)
 def _predict_tiles_jit(compiler_options: Tuple[Tuple[str, str], ...] = ()):
     return jax.jit(_predict_tiles, static_argnames=("apply_fn", "head", "tile_shape", "mirror_axes",
-                                                   "query_weighting"),
+                                                   "query_weighting", "aux_semantic_blend"),
                    compiler_options=dict(compiler_options) or None)
 
 
 def make_tile_predictor(apply_fn: Callable, head: str, tile_shape: Sequence[int],
                         mirror_axes: Sequence[int] = (),
                         compiler_options: Optional[Mapping[str, str]] = None,
-                        query_weighting: str = "none") -> Callable:
+                        query_weighting: str = "none",
+                        aux_semantic_blend: float = 0.0) -> Callable:
     """A jitted function (variables, tiles, phase_mask) -> (probs, aux), one for all cases.
 
     apply_fn(variables, image [B, pz, py, px, 4], phase_mask [B, 4]) -> model outputs dict; it
     must be hashable (it is a static argument of jit). Mirroring TTA averages the probabilities
     of the plain and every mirrored pass (each flipped back) and takes the max of the query
     evidence. XLA compiles once per tile batch shape, with `compiler_options` (jax.jit's).
-    query_weighting: the Mask2Former semantic inference's (module docstring).
+    query_weighting, aux_semantic_blend: the Mask2Former semantic inference's (module
+    docstring).
     """
     mirror_combinations(mirror_axes)  # validate early
     check_query_weighting(query_weighting)
@@ -179,7 +215,8 @@ def make_tile_predictor(apply_fn: Callable, head: str, tile_shape: Sequence[int]
     return functools.partial(jitted, apply_fn=apply_fn, head=head,
                              tile_shape=tuple(int(s) for s in tile_shape),
                              mirror_axes=tuple(int(a) for a in mirror_axes),
-                             query_weighting=query_weighting)
+                             query_weighting=query_weighting,
+                             aux_semantic_blend=float(aux_semantic_blend))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,10 +231,12 @@ class _EvalApply:
 
 def model_tile_predictor(model, config) -> Callable:
     """make_tile_predictor for a flax model built from config.model (eval mode)."""
+    check_settings(config)
     return make_tile_predictor(_EvalApply(model), config.model.head, config.input.patch_size,
                                config.inference.mirror_axes,
                                conv_lib.compiler_options(config.model.conv_impl),
-                               config.inference.get("query_weighting", "none"))
+                               config.inference.get("query_weighting", "none"),
+                               config.inference.get("aux_semantic_blend", 0.0))
 
 
 def as_variables(params_or_variables):

@@ -36,6 +36,8 @@ class LIDIA(nn.Module):
     and returns that term alone as "pooled_logits" [L+1, B, Q, K+1]; given the training targets
     ({"masks", "classes", "valid"} of the batch) it also returns "target_logits" [B, T, K+1],
     that head under the true masks (TransformerDecoder).
+    aux_semantic adds "aux_seg_logits" [B, d, h, w, 10]: label-code logits from a linear map of
+    the mask features, for the objective's dense auxiliary loss (not in the paper).
     All outputs float32 whatever `dtype`. `train` is accepted for the interface; the network has
     no dropout and no batch statistics (instance norm), so train and eval are the same function.
     """
@@ -64,6 +66,7 @@ class LIDIA(nn.Module):
     pooled_intensity: bool = False
     pooled_intensity_stage: int = 1
     pooled_intensity_sharpness: int = 1
+    aux_semantic: bool = False
 
     def _check(self, image, phase_mask):
         if image.ndim != 5 or image.shape[-1] != 4:
@@ -105,12 +108,17 @@ class LIDIA(nn.Module):
         if self.pooled_intensity:  # the statistics' grid is that stage's features' grid
             pooled_image = mask_pooling.pool_image(
                 image, skips[self.pooled_intensity_stage].shape[1:4])
-        return TransformerDecoder(
+        out = TransformerDecoder(
             self.num_queries, self.hidden_dim, self.num_heads, self.ffn_dim, self.dec_layers,
             self.num_classes, self.mask_dim, self.acl_dim, self.dtype, self.pooled_intensity,
             self.pooled_intensity_sharpness,
             name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask,
                                         targets)
+        if self.aux_semantic:  # every voxel supervised, not only the matched queries' points
+            out["aux_seg_logits"] = nn.Dense(NUM_LABEL_CODES, dtype=self.dtype,
+                                             name="aux_semantic")(mask_features).astype(
+                                                 jnp.float32)
+        return out
 
 
 def build_model(model_cfg) -> LIDIA:
@@ -141,4 +149,5 @@ def build_model(model_cfg) -> LIDIA:
         conv_impl=str(model_cfg.conv_impl),
         pooled_intensity=bool(get("pooled_intensity", False)),
         pooled_intensity_stage=int(get("pooled_intensity_stage", 1)),
-        pooled_intensity_sharpness=int(get("pooled_intensity_sharpness", 1)))
+        pooled_intensity_sharpness=int(get("pooled_intensity_sharpness", 1)),
+        aux_semantic=bool(get("aux_semantic", False)))

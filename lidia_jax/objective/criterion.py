@@ -4,6 +4,7 @@ L_final = seg_weight * L_seg + cls_weight * L_focal + acl_weight * L_acl (Eq. 6)
           [+ cls_weight * pooled_alone_weight * the class loss of the mask-pooled head's own
              logits, with the same matching and labels, every layer]
           [+ pooled_target_weight * CE of the mask-pooled class head under the true masks]
+          [+ aux_semantic_weight * (CE + Dice) of the linear label-code map of the mask features]
 
 L_seg and L_focal are computed for the final prediction and, with
 config.loss.deep_supervision, for every intermediate one (outputs[...][i],
@@ -22,6 +23,7 @@ from lidia_jax.objective import classification
 from lidia_jax.objective import contrastive
 from lidia_jax.objective import mask_loss
 from lidia_jax.objective import matching_cost
+from lidia_jax.objective import per_voxel
 from lidia_jax.objective import points as points_lib
 
 
@@ -232,6 +234,13 @@ def mask2former_loss(outputs, batch, memory, rng, config):
         metrics["loss_pooled_target"] = pooled
         metrics["pooled_target_lesion_accuracy"] = jnp.sum(
             (jnp.argmax(target_logits, -1) == classes) & lesion) / jnp.maximum(jnp.sum(lesion), 1)
+
+    if "aux_seg_logits" in outputs:  # model.aux_semantic
+        ce_sem, dc_sem = per_voxel.upsampled_dice_ce(_at_least_f32(outputs["aux_seg_logits"]),
+                                                     batch["semantic"])
+        total = total + cl.get("aux_semantic_weight", 1.0) * (ce_sem + dc_sem)
+        metrics["loss_aux_semantic_ce"] = ce_sem
+        metrics["loss_aux_semantic_dice"] = dc_sem
 
     new_memory = memory
     if cl.contrastive != "none":

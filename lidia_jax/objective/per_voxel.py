@@ -91,3 +91,20 @@ def per_voxel_loss(outputs, batch, config):
             metrics["loss_dice"] = dc
     metrics["loss"] = total
     return total, metrics
+
+
+def upsampled_dice_ce(logits, labels):
+    """Dice + CE of coarse logits against full-resolution labels: the Mask2Former head's
+    auxiliary semantic loss (config.loss.aux_semantic_weight; not in the paper).
+
+    Args:
+      logits: [B, d, h, w, C] on a coarser grid (the mask features'); labels: int [B, D, H, W].
+
+    Returns:
+      (ce, dice_loss) of the logits resized trilinearly to [B, D, H, W, C] (half-voxel
+      centres, as jax.image.resize), so the smallest lesions keep their voxels in the loss.
+    """
+    shape = labels.shape + logits.shape[-1:]
+    if logits.shape != shape:
+        logits = jax.image.resize(logits, shape, method="trilinear")
+    return dice_ce(logits, labels)

@@ -193,7 +193,7 @@ def train_and_evaluate(config, workdir, log=print):
     # Inference settings the first validation would reject: before hours of training, not after.
     ckpt.check_which(config.inference.checkpoint)
     diagnose_lib.min_lesion_volumes(config)
-    semantic.check_query_weighting(config.inference.get("query_weighting", "none"))
+    semantic.check_settings(config)
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
