@@ -4,7 +4,7 @@ Usage (big_vision style config strings):
 
   --config=configs/lidia.py                 the paper's setting (section 3)
   --config=configs/lidia.py:smoke           tiny, for tests (seconds per step on a CPU)
-  --config=configs/lidia.py:demo            synthetic cohort, ~20 min on a 2-core CPU
+  --config=configs/lidia.py:demo            synthetic cohort, ~24 min on a 2-core CPU
   --config=configs/lidia.py:demo,fusion=convlstm
   --config.data.root=/path/to/DATASET       any field, on the command line
 
