@@ -101,8 +101,9 @@ def test_aux_semantic_map_on_the_mask_grid():
     out, variables = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x, pm))
     assert out["aux_seg_logits"].shape == (1, 8, 16, 16, 10)
     assert out["aux_seg_logits"].dtype == jnp.float32
-    kernel = nn.meta.unbox(variables)["params"]["aux_semantic"]["kernel"]
-    assert kernel.shape == (cfg.mask_dim, 10)
+    kernel = variables["params"]["aux_semantic"]["kernel"]
+    assert kernel.names == ("mask", "classes")  # partitioned like the other heads' kernels
+    assert nn.meta.unbox(kernel).shape == (cfg.mask_dim, 10)
 
 
 def test_bad_inputs_raise_actionable_errors():

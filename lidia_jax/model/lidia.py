@@ -14,6 +14,7 @@ import numpy as np
 from lidia_jax.model import mask_pooling
 from lidia_jax.model.encoder import Encoder, stage_features
 from lidia_jax.model.fusion import FUSIONS, build_fusion
+from lidia_jax.model.layers import dense
 from lidia_jax.model.pixel_decoder import FPNPixelDecoder
 from lidia_jax.model.transformer_decoder import TransformerDecoder
 from lidia_jax.model.unet_decoder import UNetDecoder
@@ -115,9 +116,8 @@ class LIDIA(nn.Module):
             name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask,
                                         targets)
         if self.aux_semantic:  # every voxel supervised, not only the matched queries' points
-            out["aux_seg_logits"] = nn.Dense(NUM_LABEL_CODES, dtype=self.dtype,
-                                             name="aux_semantic")(mask_features).astype(
-                                                 jnp.float32)
+            out["aux_seg_logits"] = dense(NUM_LABEL_CODES, ("mask", "classes"), self.dtype,
+                                          name="aux_semantic")(mask_features).astype(jnp.float32)
         return out
 
 
