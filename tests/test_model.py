@@ -97,6 +97,7 @@ def test_aux_semantic_map_on_the_mask_grid():
         jax.random.PRNGKey(0), x, pm)[0])
     assert "aux_seg_logits" not in out
     cfg.aux_semantic = True
+    cfg.aux_semantic_stage = -1
     model = build_model(cfg)
     out, variables = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x, pm))
     assert out["aux_seg_logits"].shape == (1, 8, 16, 16, 10)
@@ -104,6 +105,43 @@ def test_aux_semantic_map_on_the_mask_grid():
     kernel = variables["params"]["aux_semantic"]["kernel"]
     assert kernel.names == ("mask", "classes")  # partitioned like the other heads' kernels
     assert nn.meta.unbox(kernel).shape == (cfg.mask_dim, 10)
+
+
+def test_aux_semantic_map_on_the_input_grid():
+    """model.aux_semantic_stage = 0 puts the map on the input's grid: the mask features
+    upsampled trilinearly (scipy's zoom, order 1, half-voxel centres), plus the stage-0 skip's
+    1x1x1 conv -> instance norm, LeakyReLU, then the linear map; a stage coarser than the
+    masks' is an actionable error."""
+    import scipy.ndimage
+
+    cfg = load_config("demo").model
+    cfg.aux_semantic = True
+    cfg.aux_semantic_stage = 0
+    model = build_model(cfg)
+    x, pm = inputs(1, shape=(16, 32, 32))
+    variables = model.init(jax.random.PRNGKey(0), x, pm)
+    out, state = model.apply(variables, x, pm, capture_intermediates=True)
+    assert out["aux_seg_logits"].shape == (1, 16, 32, 32, 10)
+    inter = state["intermediates"]
+    skip0 = np.asarray(inter["encoder"]["__call__"][0][0], np.float64)
+    mask_features = np.asarray(inter["pixel_decoder"]["__call__"][0][1], np.float64)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64),
+                                    nn.meta.unbox(variables["params"]))
+    lat = params["aux_semantic_lateral_0"]
+    conv = skip0 @ lat["conv"]["kernel"][0, 0, 0] + lat["conv"]["bias"]
+    mean = conv.mean((1, 2, 3), keepdims=True)
+    var = conv.var((1, 2, 3), keepdims=True)
+    lateral = (conv - mean) / np.sqrt(var + 1e-5) * lat["norm"]["scale"] + lat["norm"]["bias"]
+    up = scipy.ndimage.zoom(mask_features, (1, 2, 2, 2, 1), order=1, grid_mode=True,
+                            mode="nearest")
+    y = up + lateral
+    y = np.where(y > 0, y, 0.01 * y)
+    want = y @ params["aux_semantic"]["kernel"] + params["aux_semantic"]["bias"]
+    np.testing.assert_allclose(out["aux_seg_logits"], want, rtol=1e-4, atol=1e-4)
+
+    cfg.aux_semantic_stage = 2
+    with pytest.raises(ValueError, match="aux_semantic_stage=2"):
+        jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), x, pm)
 
 
 def test_bad_inputs_raise_actionable_errors():

@@ -8,13 +8,14 @@
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lidia_jax.model import mask_pooling
 from lidia_jax.model.encoder import Encoder, stage_features
 from lidia_jax.model.fusion import FUSIONS, build_fusion
-from lidia_jax.model.layers import dense
+from lidia_jax.model.layers import ConvNormAct, dense
 from lidia_jax.model.pixel_decoder import FPNPixelDecoder
 from lidia_jax.model.transformer_decoder import TransformerDecoder
 from lidia_jax.model.unet_decoder import UNetDecoder
@@ -37,8 +38,11 @@ class LIDIA(nn.Module):
     and returns that term alone as "pooled_logits" [L+1, B, Q, K+1]; given the training targets
     ({"masks", "classes", "valid"} of the batch) it also returns "target_logits" [B, T, K+1],
     that head under the true masks (TransformerDecoder).
-    aux_semantic adds "aux_seg_logits" [B, d, h, w, 10]: label-code logits from a linear map of
-    the mask features, for the objective's dense auxiliary loss (not in the paper).
+    aux_semantic adds "aux_seg_logits" [B, d_a, h_a, w_a, 10]: label-code logits from a linear
+    map of the mask features, for the objective's dense auxiliary loss (not in the paper). On
+    the grid of encoder stage aux_semantic_stage (-1: the masks' grid): for each stage s finer
+    than the masks', y = LeakyReLU(trilinear(y) + lateral_s(skip_s)), lateral = 1x1x1 conv ->
+    norm (the FPN's, light enough for the input's grid), before the linear map.
     All outputs float32 whatever `dtype`. `train` is accepted for the interface; the network has
     no dropout and no batch statistics (instance norm), so train and eval are the same function.
     """
@@ -68,6 +72,7 @@ class LIDIA(nn.Module):
     pooled_intensity_stage: int = 1
     pooled_intensity_sharpness: int = 1
     aux_semantic: bool = False
+    aux_semantic_stage: int = -1
 
     def _check(self, image, phase_mask):
         if image.ndim != 5 or image.shape[-1] != 4:
@@ -116,9 +121,26 @@ class LIDIA(nn.Module):
             name="transformer_decoder")(multi_scale, mask_features, pooled_image, phase_mask,
                                         targets)
         if self.aux_semantic:  # every voxel supervised, not only the matched queries' points
-            out["aux_seg_logits"] = dense(NUM_LABEL_CODES, ("mask", "classes"), self.dtype,
-                                          name="aux_semantic")(mask_features).astype(jnp.float32)
+            out["aux_seg_logits"] = self._aux_semantic(mask_features, skips)
         return out
+
+    def _aux_semantic(self, mask_features, skips):
+        """mask_features [B, d_m, h_m, w_m, M] -> label-code logits [B, d_a, h_a, w_a, 10]."""
+        stage = self.mask_stride_stage if self.aux_semantic_stage < 0 else self.aux_semantic_stage
+        if stage > self.mask_stride_stage:
+            raise ValueError(f"config.model.aux_semantic_stage={self.aux_semantic_stage}: the "
+                             f"auxiliary map is on the masks' grid (mask_stride_stage="
+                             f"{self.mask_stride_stage}) or a finer stage: expected -1 (the "
+                             f"masks') or 0..{self.mask_stride_stage}")
+        y = mask_features
+        for s in range(self.mask_stride_stage - 1, stage - 1, -1):
+            lateral = ConvNormAct(self.mask_dim, (1, 1, 1), activation=False, impl=self.conv_impl,
+                                  dtype=self.dtype, name=f"aux_semantic_lateral_{s}")(skips[s])
+            up = jax.image.resize(y, y.shape[:1] + lateral.shape[1:4] + y.shape[-1:],
+                                  method="trilinear")
+            y = nn.leaky_relu(up + lateral, negative_slope=0.01)
+        return dense(NUM_LABEL_CODES, ("mask", "classes"), self.dtype,
+                     name="aux_semantic")(y).astype(jnp.float32)
 
 
 def build_model(model_cfg) -> LIDIA:
@@ -150,4 +172,5 @@ def build_model(model_cfg) -> LIDIA:
         pooled_intensity=bool(get("pooled_intensity", False)),
         pooled_intensity_stage=int(get("pooled_intensity_stage", 1)),
         pooled_intensity_sharpness=int(get("pooled_intensity_sharpness", 1)),
-        aux_semantic=bool(get("aux_semantic", False)))
+        aux_semantic=bool(get("aux_semantic", False)),
+        aux_semantic_stage=int(get("aux_semantic_stage", -1)))
