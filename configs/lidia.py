@@ -192,9 +192,6 @@ def _paper():
   # more on the training patches, and the test figures fell (README).
   c.loss.pooled_alone_matched_only = False
   c.loss.aux_semantic_weight = 1.0  # with model.aux_semantic: weight of its Dice + CE
-  # Its Dice over "all" foreground classes (nnU-Net's) or the "present" ones: an absent class's
-  # Dice term drives its probability to zero everywhere (objective/per_voxel.dice_ce).
-  c.loss.aux_semantic_dice = "all"
   # per-voxel head (nnU-Net): Dice + CE with deep supervision weights 1/2^i
   c.loss.ds_weights_decay = 0.5
   # (objective) deep-supervision layers matched and lossed in parallel (vmap):

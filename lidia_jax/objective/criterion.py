@@ -26,10 +26,6 @@ from lidia_jax.objective import matching_cost
 from lidia_jax.objective import per_voxel
 from lidia_jax.objective import points as points_lib
 
-# config.loss.aux_semantic_dice: the auxiliary map's Dice over every foreground class (nnU-Net's)
-# or over those the batch holds (per_voxel.dice_ce).
-AUX_DICE_CLASSES = ("all", "present")
-
 
 def _at_least_f32(x):
     """bf16/f16 model outputs -> float32 for the loss; float64 stays."""
@@ -240,13 +236,8 @@ def mask2former_loss(outputs, batch, memory, rng, config):
             (jnp.argmax(target_logits, -1) == classes) & lesion) / jnp.maximum(jnp.sum(lesion), 1)
 
     if "aux_seg_logits" in outputs:  # model.aux_semantic
-        dice_classes = cl.get("aux_semantic_dice", "all")
-        if dice_classes not in AUX_DICE_CLASSES:
-            raise ValueError(f"config.loss.aux_semantic_dice={dice_classes!r}: expected one of "
-                             f"{AUX_DICE_CLASSES}")
         ce_sem, dc_sem = per_voxel.upsampled_dice_ce(_at_least_f32(outputs["aux_seg_logits"]),
-                                                     batch["semantic"],
-                                                     present_only=dice_classes == "present")
+                                                     batch["semantic"])
         total = total + cl.get("aux_semantic_weight", 1.0) * (ce_sem + dc_sem)
         metrics["loss_aux_semantic_ce"] = ce_sem
         metrics["loss_aux_semantic_dice"] = dc_sem

@@ -26,7 +26,7 @@ def downsample_labels(labels, shape):
     return out
 
 
-def dice_ce(logits, labels, smooth=1e-5, present_only=False):
+def dice_ce(logits, labels, smooth=1e-5):
     """nnU-Net Dice + CE for one resolution.
 
     CE: mean over voxels of softmax cross-entropy. Dice: batch Dice (sums over
@@ -34,12 +34,6 @@ def dice_ce(logits, labels, smooth=1e-5, present_only=False):
     (2 tp + smooth) / (2 tp + fp + fn + smooth), averaged over classes; the
     loss is CE + (1 - Dice) (nnU-Net subtracts Dice without the 1: same
     gradient).
-
-    present_only averages the Dice over the foreground classes the labels
-    hold (0 if none): a class absent from the batch then adds no Dice term,
-    whose pull (smooth / (fp + smooth)^2 on every voxel) otherwise drives a
-    rare class's probability to zero everywhere, where the softmax no longer
-    passes the gradient of its few true voxels.
 
     Args:
       logits: [B, d, h, w, C]; labels: int [B, d, h, w] in 0..C-1.
@@ -58,10 +52,7 @@ def dice_ce(logits, labels, smooth=1e-5, present_only=False):
     fp = jnp.sum(prob * (1.0 - onehot), axis=axes)[1:]
     fn = jnp.sum((1.0 - prob) * onehot, axis=axes)[1:]
     dice = (2.0 * tp + smooth) / (2.0 * tp + fp + fn + smooth)
-    if not present_only:
-        return ce, 1.0 - jnp.mean(dice)
-    present = (jnp.sum(onehot, axis=axes)[1:] > 0).astype(dice.dtype)
-    return ce, jnp.sum((1.0 - dice) * present) / jnp.maximum(jnp.sum(present), 1.0)
+    return ce, 1.0 - jnp.mean(dice)
 
 
 def deep_supervision_weights(num_levels, decay):
@@ -102,13 +93,13 @@ def per_voxel_loss(outputs, batch, config):
     return total, metrics
 
 
-def upsampled_dice_ce(logits, labels, present_only=False):
+def upsampled_dice_ce(logits, labels):
     """Dice + CE of coarse logits against full-resolution labels: the Mask2Former head's
     auxiliary semantic loss (config.loss.aux_semantic_weight; not in the paper).
 
     Args:
-      logits: [B, d, h, w, C] on the labels' grid or a coarser one (the mask features');
-        labels: int [B, D, H, W]. present_only: as dice_ce.
+      logits: [B, d, h, w, C] on the labels' grid or a coarser one (config.model.
+        aux_semantic_stage); labels: int [B, D, H, W].
 
     Returns:
       (ce, dice_loss) of the logits resized trilinearly to [B, D, H, W, C] (half-voxel
@@ -117,4 +108,4 @@ def upsampled_dice_ce(logits, labels, present_only=False):
     shape = labels.shape + logits.shape[-1:]
     if logits.shape != shape:
         logits = jax.image.resize(logits, shape, method="trilinear")
-    return dice_ce(logits, labels, present_only=present_only)
+    return dice_ce(logits, labels)
