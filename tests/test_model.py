@@ -139,9 +139,10 @@ def test_aux_semantic_map_on_the_input_grid():
     want = y @ params["aux_semantic"]["kernel"] + params["aux_semantic"]["bias"]
     np.testing.assert_allclose(out["aux_seg_logits"], want, rtol=1e-4, atol=1e-4)
 
-    cfg.aux_semantic_stage = 2
-    with pytest.raises(ValueError, match="aux_semantic_stage=2"):
-        jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), x, pm)
+    for bad in (2, -2):  # coarser than the masks', or below -1
+        cfg.aux_semantic_stage = bad
+        with pytest.raises(ValueError, match=f"aux_semantic_stage={bad}"):
+            jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0), x, pm)
 
 
 def test_bad_inputs_raise_actionable_errors():

@@ -126,12 +126,12 @@ class LIDIA(nn.Module):
 
     def _aux_semantic(self, mask_features, skips):
         """mask_features [B, d_m, h_m, w_m, M] -> label-code logits [B, d_a, h_a, w_a, 10]."""
-        stage = self.mask_stride_stage if self.aux_semantic_stage < 0 else self.aux_semantic_stage
-        if stage > self.mask_stride_stage:
+        if not -1 <= self.aux_semantic_stage <= self.mask_stride_stage:
             raise ValueError(f"config.model.aux_semantic_stage={self.aux_semantic_stage}: the "
                              f"auxiliary map is on the masks' grid (mask_stride_stage="
                              f"{self.mask_stride_stage}) or a finer stage: expected -1 (the "
                              f"masks') or 0..{self.mask_stride_stage}")
+        stage = self.mask_stride_stage if self.aux_semantic_stage < 0 else self.aux_semantic_stage
         y = mask_features
         for s in range(self.mask_stride_stage - 1, stage - 1, -1):
             lateral = ConvNormAct(self.mask_dim, (1, 1, 1), activation=False, impl=self.conv_impl,

@@ -98,8 +98,8 @@ def upsampled_dice_ce(logits, labels):
     auxiliary semantic loss (config.loss.aux_semantic_weight; not in the paper).
 
     Args:
-      logits: [B, d, h, w, C] on the labels' grid or a coarser one (config.model.
-        aux_semantic_stage); labels: int [B, D, H, W].
+      logits: [B, d, h, w, C] on the labels' grid or a coarser one
+        (config.model.aux_semantic_stage); labels: int [B, D, H, W].
 
     Returns:
       (ce, dice_loss) of the logits resized trilinearly to [B, D, H, W, C] (half-voxel
