@@ -8,6 +8,7 @@ import json
 import math
 
 import grain
+import ml_collections
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -416,6 +417,34 @@ def test_extract_matches_scipy_affine_transform_at_case_borders(coupled):
         np.testing.assert_array_equal(got, ref)
         assert got.dtype == lab.dtype
     assert (seg_p == 0).any() and (img[..., 2] == 0).any()  # the patch does reach outside
+
+
+def test_flip_axes_mirror_the_patch_exactly():
+    """aug.flip_axes: each listed axis is mirrored about the patch centre with probability 1/2,
+    and the mirrored read equals np.flip of the plain crop (no interpolation blur)."""
+    rng = np.random.default_rng(11)
+    image = rng.standard_normal((12, 14, 16, 4)).astype(np.float32)
+    seg = rng.integers(0, 10, image.shape[:3]).astype(np.uint8)
+    inst = rng.integers(0, 300, image.shape[:3]).astype(np.uint16)
+    mask = np.array([True, True, True, True])
+    start, patch = np.array([2, 3, 1]), (7, 8, 10)
+    plain = augment.extract(image, seg, inst, start, patch, mask)
+    aug = lambda flips: ml_collections.ConfigDict(dict(
+        rotation_deg=15.0, scale=(0.85, 1.25), rotation_prob=0.0, scale_prob=0.0, flip_axes=flips))
+    draws = np.random.default_rng(0)
+    assert augment.sample_spatial(draws, aug(())) is None
+    counts = np.zeros(3)
+    for _ in range(200):
+        m = augment.sample_spatial(draws, aug((0, 2)))
+        signs = np.ones(3) if m is None else np.diag(m)
+        if m is not None:
+            np.testing.assert_array_equal(m, np.diag(signs))
+        counts += signs < 0
+        axes = tuple(int(a) for a in np.flatnonzero(signs < 0))
+        got = augment.extract(image, seg, inst, start, patch, mask, m)
+        for g, p in zip(got, plain):
+            np.testing.assert_array_equal(g, np.flip(p, axes))
+    assert counts[1] == 0 and 70 < counts[0] < 130 and 70 < counts[2] < 130
 
 
 def test_pipeline_augmented_image_and_labels_aligned(cache):
