@@ -43,26 +43,30 @@ def test_hungarian_prefers_more_matches_over_greedy_iou():
     assert ious[(1, 2)] == pytest.approx(2 / 10)
 
 
-def _tiny_cohort():
+def _tiny_cohort(voxel_mm3=None):
     # Case 0: HCC (8 vox) detected as HCC (IoU 0.5), cyst (4 vox) hit with IoU 0.1 (missed),
     # a false-positive meta.
     gt0 = _line((1, 0, 8), (2, 12, 16))
     pred0 = _line((1, 4, 12), (2, 15, 22), (3, 22, 24))
     r0 = metrics.case_record("c0", _seg(gt0, {1: 2, 2: 7}), gt0, {1: 2, 2: 7},
                              _seg(pred0, {1: 2, 2: 7, 3: 4}), pred0, {1: 2, 2: 7, 3: 4},
-                             [0.9, 0.1, 0.2, 0, 0, 0.2, 0, 0], 0.8, iou_threshold=0.2)
+                             [0.9, 0.1, 0.2, 0, 0, 0.2, 0, 0], 0.8, iou_threshold=0.2,
+                             voxel_mm3=voxel_mm3)
     # Case 1: a cyst detected but called FNH.
     gt1 = _line((1, 0, 6))
     pred1 = _line((1, 0, 5))
     r1 = metrics.case_record("c1", _seg(gt1, {1: 7}), gt1, {1: 7}, _seg(pred1, {1: 6}), pred1,
-                             {1: 6}, [0.3, 0, 0, 0, 0, 0.5, 0, 0], 0.75, iou_threshold=0.2)
+                             {1: 6}, [0.3, 0, 0, 0, 0, 0.5, 0, 0], 0.75, iou_threshold=0.2,
+                             voxel_mm3=voxel_mm3)
     # Case 2: HCC + cyst, nothing predicted. Case 3: no lesion, nothing predicted.
     gt2 = _line((1, 0, 4), (2, 10, 12))
     empty = np.zeros_like(gt2)
     r2 = metrics.case_record("c2", _seg(gt2, {1: 2, 2: 7}), gt2, {1: 2, 2: 7}, empty, empty, {},
-                             [0.6, 0, 0, 0, 0, 0.1, 0, 0], 0.7, iou_threshold=0.2)
+                             [0.6, 0, 0, 0, 0, 0.1, 0, 0], 0.7, iou_threshold=0.2,
+                             voxel_mm3=voxel_mm3)
     r3 = metrics.case_record("c3", empty, empty, {}, empty, empty, {},
-                             [0.1, 0, 0, 0, 0, 0.5, 0, 0], 0.99, iou_threshold=0.2)
+                             [0.1, 0, 0, 0, 0, 0.5, 0, 0], 0.99, iou_threshold=0.2,
+                             voxel_mm3=voxel_mm3)
     return [r0, r1, r2, r3]
 
 
@@ -93,6 +97,60 @@ def test_tiny_cohort_hand_computed():
     assert s["lesion_dice"] == pytest.approx(2 * 10 / (24 + 22))
     assert s["lesion_dice_per_case"] == pytest.approx(np.mean([10 / 29, 10 / 11, 0.0]))
     assert [row["lesion_dice"] for row in s["per_case"]][3] is None
+    # Detected per true class: HCC c0 found, c2 missed; cyst c1 found (called FNH), c0 and c2
+    # missed. No voxel volume given: no size table.
+    assert s["detection_by_class"]["HCC"] == {"true": 2, "matched": 1, "sensitivity": 0.5}
+    assert s["detection_by_class"]["cyst"] == {"true": 3, "matched": 1, "sensitivity": 1 / 3}
+    assert s["detection_by_class"]["meta"] == {"true": 0, "matched": 0, "sensitivity": None}
+    assert s["detection_by_size_mm"] is None
+
+
+def test_detection_by_size_hand_computed():
+    # 100 mm^3 voxels: 8 voxels -> (6 * 800 / pi)^(1/3) = 11.5 mm, 6 -> 10.5, 4 -> 9.1, 2 -> 7.3.
+    # Found: c0's HCC (8 voxels) and c1's cyst (6); missed: c0's cyst (4), c2's HCC (4), cyst (2).
+    s = metrics.summarize(_tiny_cohort(voxel_mm3=100.0), NAMES, MALIGNANT, BENIGN)
+    assert list(s["detection_by_size_mm"]) == ["<10", "10-20", "20-30", "30-50", ">=50"]
+    assert s["detection_by_size_mm"]["<10"] == {"true": 3, "matched": 0, "sensitivity": 0.0}
+    assert s["detection_by_size_mm"]["10-20"] == {"true": 2, "matched": 2, "sensitivity": 1.0}
+    assert s["detection_by_size_mm"][">=50"]["sensitivity"] is None
+    assert metrics.equivalent_diameter_mm(4 / 3 * np.pi * 10.0 ** 3) == pytest.approx(20.0)
+
+
+def test_detection_tables_equal_a_naive_loop():
+    rng = np.random.default_rng(3)
+    records, truth = [], []
+    for case in range(12):
+        gt, pred = np.zeros((4, 6, 40), np.uint16), np.zeros((4, 6, 40), np.uint16)
+        gt_classes, pred_classes, x = {}, {}, 0
+        for i in range(1, rng.integers(1, 4) + 1):
+            n = int(rng.integers(1, 10))
+            gt[:, :, x:x + n] = i  # 24 n voxels
+            gt_classes[i] = int(rng.integers(2, 10))
+            if rng.random() < 0.6:  # predicted with a shift: IoU from 1 down to 0
+                shift = int(rng.integers(0, n + 1))
+                pred[:, :, x + shift:x + shift + n] = i
+                pred_classes[i] = int(rng.integers(2, 10))
+            x += n + 2
+        voxel_mm3 = float(rng.choice([8.0, 80.0, 500.0]))
+        r = metrics.case_record(f"c{case}", _seg(gt, gt_classes), gt, gt_classes,
+                                _seg(pred, pred_classes), pred, pred_classes, [0.5] * 8, 0.5,
+                                iou_threshold=0.2, voxel_mm3=voxel_mm3)
+        records.append(r)
+        found = {g for g, _, _ in r["matches"]}
+        for g, code in gt_classes.items():
+            d = (6.0 * np.count_nonzero(gt == g) * voxel_mm3 / np.pi) ** (1.0 / 3.0)
+            truth.append((NAMES[code - 2], d, g in found))
+    s = metrics.summarize(records, NAMES, MALIGNANT, BENIGN)
+    for name in NAMES:
+        rows = [f for c, _, f in truth if c == name]
+        assert s["detection_by_class"][name]["true"] == len(rows)
+        assert s["detection_by_class"][name]["matched"] == sum(rows)
+    edges = [0.0, 10.0, 20.0, 30.0, 50.0, np.inf]
+    for k, name in enumerate(metrics.size_bin_names()):
+        rows = [f for _, d, f in truth if edges[k] <= d < edges[k + 1]]
+        assert s["detection_by_size_mm"][name]["true"] == len(rows), name
+        assert s["detection_by_size_mm"][name]["matched"] == sum(rows), name
+    assert sum(r["true"] for r in s["detection_by_size_mm"].values()) == len(truth)
 
 
 def test_aucs_equal_sklearn_and_mann_whitney_on_random_scores():

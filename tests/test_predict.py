@@ -147,6 +147,7 @@ def test_run_evaluate_writes_report(setup, tmp_path):
                                     log=lambda s: None)
     assert summary["num_cases"] == 1 and "bad" in summary["failed_cases"]
     assert summary["lesion_counts"]["true"] == 1
+    assert sum(r["true"] for r in summary["detection_by_size_mm"].values()) == 1
     for f in ("metrics.json", "report.md", "roc.png", "confusion.png", "overlay_good.png"):
         assert (tmp_path / f).is_file(), f
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -226,4 +227,8 @@ def test_evaluate_cache_on_the_preprocessed_grid(setup, tmp_path):
                                         "correct_class": 1}
     assert summary["lesion_dice"] == pytest.approx(2 * 48 / ((48 + 24) + 48))  # HCC 3x4x4, cyst 2x3x4
     assert summary["auc"]["HCC"] == pytest.approx(1.0)  # LiverMax 0.91 vs 0.01
+    # 216 mm^3 voxels: HCC 48 -> 27.0 mm, cyst 24 -> 21.5 mm (equivalent-sphere diameters).
+    assert summary["detection_by_size_mm"]["20-30"] == {"true": 2, "matched": 1,
+                                                        "sensitivity": 0.5}
     assert (tmp_path / "report.md").is_file() and (tmp_path / "overlay_a.png").is_file()
+    assert "| 20-30 | 2 | 1 | 0.500 |" in (tmp_path / "report.md").read_text()

@@ -63,7 +63,8 @@ def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
             diag.instances, diagnose_lib.instance_classes(diag.lesions),
             diag.patient_probabilities, diag.malignancy_probability,
             config.eval.lesion_iou_threshold,
-            patient_codes=meta.get("patient_classes", sorted(set(gt_classes.values())))))
+            patient_codes=meta.get("patient_classes", sorted(set(gt_classes.values()))),
+            voxel_mm3=float(np.prod(meta["spacing"]))))
         if report_dir is not None and len(overlays) < config.eval.num_overlays:
             image = np.asarray(data["image"])
             overlays.append({"case": case, "gt": np.asarray(data["seg"]), "pred": diag.seg,
@@ -95,15 +96,17 @@ def labelled_cases(dataset: contract.Dataset):
 
 
 def _truth(case_files: contract.CaseFiles):
-    """Label and instance maps in the files' own (original) array order, and instance classes."""
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(case_files.label))).astype(np.uint8)
+    """Label and instance maps in the files' own (original) array order, instance classes, and
+    the label file's voxel volume (mm^3)."""
+    label_image = sitk.ReadImage(str(case_files.label))
+    label = sitk.GetArrayFromImage(label_image).astype(np.uint8)
     if case_files.instance is not None:
         inst = sitk.GetArrayFromImage(sitk.ReadImage(str(case_files.instance))).astype(np.uint16)
     else:
         inst = contract.connected_instances(label)
     classes = contract.instance_classes(inst, label)
     inst[(inst > 0) & ~np.isin(inst, list(classes))] = 0
-    return label, inst, classes
+    return label, inst, classes, float(np.prod(label_image.GetSpacing()))
 
 
 def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
@@ -124,7 +127,7 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
     for i, case in enumerate(cases, start=1):
         try:
             report = predict_lib.predict_case(case, dataset, plan, tile_fn, config, pred_dir)
-            gt_seg, gt_inst, gt_classes = _truth(case)
+            gt_seg, gt_inst, gt_classes, voxel_mm3 = _truth(case)
             pred_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir
                                                                  / f"{case.name}_seg.nii.gz")))
             pred_inst = sitk.GetArrayFromImage(sitk.ReadImage(
@@ -143,7 +146,8 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
         records.append(metrics_lib.case_record(
             case.name, gt_seg, gt_inst, gt_classes, pred_seg, pred_inst, pred_classes,
             [report["patient_probabilities"][n] for n in names],
-            report["malignancy_probability"], config.eval.lesion_iou_threshold))
+            report["malignancy_probability"], config.eval.lesion_iou_threshold,
+            voxel_mm3=voxel_mm3))
         log(f"[{i}/{len(cases)}] {case.name}: {len(gt_classes)} true / "
             f"{len(pred_classes)} predicted lesions")
         if len(overlays) < config.eval.num_overlays:

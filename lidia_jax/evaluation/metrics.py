@@ -17,6 +17,10 @@ Lesion-wise:
   true, classification accuracy = correct class / matched, all pooled over the cohort's lesions.
   Confusion matrix rows = true class, columns = predicted class, plus "none" (a missed true
   lesion: column none; a false-positive prediction: row none).
+  Detection by class: per true class, the true lesions and how many were matched (whatever
+  class the match was given). Detection by size: the same per bin of equivalent-sphere diameter
+  (6 V / pi)^(1/3) of the true lesion, edges SIZE_EDGES_MM, when every record has the voxel
+  volume (case_record's voxel_mm3).
 Pixel-wise lesion Dice (all lesion classes one foreground, label >= 2):
   HEADLINE "lesion_dice" = global Dice over the voxels of all cases pooled;
   "lesion_dice_per_case" = mean of the per-case Dice over the cases where truth or prediction has
@@ -30,6 +34,21 @@ from scipy import optimize
 from sklearn import metrics as sk_metrics
 
 FIRST_LESION_CODE = 2
+# Detection-by-size bins, equivalent-sphere diameter in mm: LI-RADS's 10 and 20 mm observation
+# sizes, then 30 and 50 mm.
+SIZE_EDGES_MM = (10.0, 20.0, 30.0, 50.0)
+
+
+def equivalent_diameter_mm(volume_mm3):
+    """Diameter (mm) of the sphere of the given volume (mm^3): (6 V / pi)^(1/3)."""
+    return np.cbrt(6.0 * np.asarray(volume_mm3, float) / np.pi)
+
+
+def size_bin_names(edges=SIZE_EDGES_MM):
+    """["<10", "10-20", ..., ">=50"] for the edges (mm)."""
+    fmt = lambda e: f"{e:g}"
+    return ([f"<{fmt(edges[0])}"] + [f"{fmt(a)}-{fmt(b)}" for a, b in zip(edges[:-1], edges[1:])]
+            + [f">={fmt(edges[-1])}"])
 
 
 def overlap_matrix(gt_inst: np.ndarray, pred_inst: np.ndarray):
@@ -69,20 +88,28 @@ def case_record(case: str, gt_seg: np.ndarray, gt_inst: np.ndarray,
                 gt_classes: Mapping[int, int], pred_seg: np.ndarray, pred_inst: np.ndarray,
                 pred_classes: Mapping[int, int], patient_probabilities: Sequence[float],
                 malignancy_probability: float, iou_threshold: float,
-                patient_codes: Optional[Sequence[int]] = None) -> dict:
+                patient_codes: Optional[Sequence[int]] = None,
+                voxel_mm3: Optional[float] = None) -> dict:
     """Scores one case. Label maps on one grid; *_classes: {instance id: lesion label code}.
 
     patient_probabilities: [8] for the lesion codes 2..9; patient_codes: the lesion codes the
-    patient truly holds (default: the values of gt_classes).
+    patient truly holds (default: the values of gt_classes); voxel_mm3: the grid's voxel volume,
+    for the true lesions' diameters (detection by size; None: no diameters).
     """
     if gt_seg.shape != pred_seg.shape:
         raise ValueError(f"{case}: prediction shape {pred_seg.shape} differs from the truth "
                          f"{gt_seg.shape}")
     gt_fg, pred_fg = gt_seg >= FIRST_LESION_CODE, pred_seg >= FIRST_LESION_CODE
     matches = match_lesions(gt_inst, pred_inst, iou_threshold)
-    gt_ids = [int(i) for i in np.unique(gt_inst) if i > 0 and int(i) in gt_classes]
+    ids, sizes = np.unique(gt_inst, return_counts=True)
+    gt_voxels = {int(i): int(n) for i, n in zip(ids, sizes) if i > 0 and int(i) in gt_classes}
+    gt_ids = list(gt_voxels)
     pred_ids = [int(i) for i in np.unique(pred_inst) if i > 0 and int(i) in pred_classes]
     codes = sorted(set(gt_classes.values())) if patient_codes is None else sorted(patient_codes)
+    extra = {}
+    if voxel_mm3 is not None:
+        extra["gt_diameters_mm"] = {i: float(equivalent_diameter_mm(n * voxel_mm3))
+                                    for i, n in gt_voxels.items()}
     return {
         "case": case,
         "patient_codes": [int(c) for c in codes],
@@ -94,11 +121,17 @@ def case_record(case: str, gt_seg: np.ndarray, gt_inst: np.ndarray,
         "gt_lesions": {i: int(gt_classes[i]) for i in gt_ids},
         "pred_lesions": {i: int(pred_classes[i]) for i in pred_ids},
         "matches": [(g, p, iou) for g, p, iou in matches if g in gt_classes and p in pred_classes],
+        **extra,
     }
 
 
 def _nan_to_none(x):
     return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _detection(true: int, matched: int) -> dict:
+    return {"true": true, "matched": matched,
+            "sensitivity": matched / true if true else None}
 
 
 def patient_aucs(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -182,6 +215,20 @@ def summarize(records: Sequence[dict], lesion_names: Sequence[str],
                      "malignancy_probability": r["malignancy_probability"]})
 
     ratio = lambda a, b: a / b if b else float("nan")
+    by_class = {names[c]: _detection(int(confusion[c].sum()), int(confusion[c, :none].sum()))
+                for c in range(len(names))}
+    by_size = None
+    if records and all("gt_diameters_mm" in r for r in records):
+        true_n = np.zeros(len(SIZE_EDGES_MM) + 1, np.int64)
+        found_n = np.zeros_like(true_n)
+        for r in records:
+            matched_gt = {g for g, _, _ in r["matches"]}
+            for g, d in r["gt_diameters_mm"].items():
+                b = int(np.searchsorted(SIZE_EDGES_MM, d, side="right"))
+                true_n[b] += 1
+                found_n[b] += int(g in matched_gt)
+        by_size = {name: _detection(int(t), int(f))
+                   for name, t, f in zip(size_bin_names(), true_n, found_n)}
     return {
         "num_cases": n,
         "auc8": auc8,
@@ -197,6 +244,8 @@ def summarize(records: Sequence[dict], lesion_names: Sequence[str],
         "patients_per_class": {names[c]: int(truth[:, c].sum()) for c in range(len(names))},
         "lesion_counts": {"true": num_gt, "predicted": num_pred, "matched": num_matched,
                           "correct_class": num_correct},
+        "detection_by_class": by_class,
+        "detection_by_size_mm": by_size,
         "confusion_labels": names + ["none"],
         "confusion_matrix": confusion.tolist(),
         "per_case": rows,

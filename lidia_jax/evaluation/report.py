@@ -3,7 +3,7 @@
 import json
 import math
 import pathlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 from lidia_jax.evaluation import plots
 
@@ -51,7 +51,12 @@ def markdown(summary: dict, title: str = "LIDIA evaluation",
               f"| {_fmt(summary['lesion_precision'])} | {_fmt(summary['lesion_sensitivity'])} | "
               f"{_fmt(summary['lesion_accuracy'])} | {summary['lesion_counts']['true']} | "
               f"{summary['lesion_counts']['predicted']} | {summary['lesion_counts']['matched']} |",
-              "", "## Pixel-wise lesion Dice", "",
+              ""]
+    lines += _detection_table("Detected lesions per true class (whatever class they were given)",
+                              "class", summary.get("detection_by_class"))
+    lines += _detection_table("Detected lesions per size (true lesion's equivalent-sphere "
+                              "diameter)", "diameter (mm)", summary.get("detection_by_size_mm"))
+    lines += ["## Pixel-wise lesion Dice", "",
               f"- **Global (headline): {_fmt(summary['lesion_dice'])}** (voxels of all cases "
               "pooled, all lesion classes one foreground)",
               f"- Mean per case: {_fmt(summary['lesion_dice_per_case'])} (cases with a true or "
@@ -72,6 +77,16 @@ def markdown(summary: dict, title: str = "LIDIA evaluation",
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _detection_table(title: str, key: str, rows: Optional[dict]) -> list:
+    """Markdown lines of a {bin: {"true", "matched", "sensitivity"}} table; none for None."""
+    if not rows:
+        return []
+    lines = [f"{title}:", "", f"| {key} | true | detected | sensitivity |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r['true']} | {r['matched']} | {_fmt(r['sensitivity'])} |"
+              for name, r in rows.items()]
+    return lines + [""]
 
 
 def write_report(summary: dict, out_dir, overlays: Sequence[dict] = (),
