@@ -53,9 +53,10 @@ def main():
     # update linear in tiny gradients, so equal gradients give equal parameters to tolerance.
     config.optim.eps = 1e-3
     # Equal to tolerance is not enough here: the loss makes discrete choices (the most uncertain
-    # points, Hungarian matching) that float noise can flip. im2col's dots are bit-identical
-    # across these shardings; "planes"' 2-D convolutions reduce the kernel gradient over the
-    # batch in a per-shard order, so they are checked sharded on their own (test_train.py).
+    # points, Hungarian matching) that float noise can flip. im2col's dots round alike across
+    # these shardings on an AMD EPYC VM and almost alike on an Intel Xeon one (the tolerance of
+    # test_train._assert_same_training); "planes"' 2-D convolutions reduce the kernel gradient
+    # over the batch in a per-shard order, so they are checked sharded on their own.
     config.model.conv_impl = "matmul"
     devices = jax.devices() if args.mesh_devices < 0 else jax.devices()[:args.mesh_devices]
     mesh = sharding_lib.make_mesh((("data", -1),), devices)
