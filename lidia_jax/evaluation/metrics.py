@@ -186,6 +186,10 @@ def summarize(records: Sequence[dict], lesion_names: Sequence[str],
     inter = gt_vox = pred_vox = 0
     per_case_dice = []
     rows = []
+    # Detection by size: [bins] true and detected lesions, when every record has diameters.
+    sized = bool(records) and all("gt_diameters_mm" in r for r in records)
+    size_true = np.zeros(len(SIZE_EDGES_MM) + 1, np.int64)
+    size_found = np.zeros_like(size_true)
     for r in records:
         gt, pred = r["gt_lesions"], r["pred_lesions"]
         matched_gt = {g for g, _, _ in r["matches"]}
@@ -195,6 +199,10 @@ def summarize(records: Sequence[dict], lesion_names: Sequence[str],
             num_correct += int(gt[g] == pred[p])
         for g in set(gt) - matched_gt:
             confusion[gt[g] - FIRST_LESION_CODE, none] += 1
+        for g, d in (r["gt_diameters_mm"].items() if sized else ()):
+            b = int(np.searchsorted(SIZE_EDGES_MM, d, side="right"))
+            size_true[b] += 1
+            size_found[b] += int(g in matched_gt)
         for p in set(pred) - matched_pred:
             confusion[none, pred[p] - FIRST_LESION_CODE] += 1
         num_gt += len(gt)
@@ -217,18 +225,8 @@ def summarize(records: Sequence[dict], lesion_names: Sequence[str],
     ratio = lambda a, b: a / b if b else float("nan")
     by_class = {names[c]: _detection(int(confusion[c].sum()), int(confusion[c, :none].sum()))
                 for c in range(len(names))}
-    by_size = None
-    if records and all("gt_diameters_mm" in r for r in records):
-        true_n = np.zeros(len(SIZE_EDGES_MM) + 1, np.int64)
-        found_n = np.zeros_like(true_n)
-        for r in records:
-            matched_gt = {g for g, _, _ in r["matches"]}
-            for g, d in r["gt_diameters_mm"].items():
-                b = int(np.searchsorted(SIZE_EDGES_MM, d, side="right"))
-                true_n[b] += 1
-                found_n[b] += int(g in matched_gt)
-        by_size = {name: _detection(int(t), int(f))
-                   for name, t, f in zip(size_bin_names(), true_n, found_n)}
+    by_size = ({name: _detection(int(t), int(f))
+                for name, t, f in zip(size_bin_names(), size_true, size_found)} if sized else None)
     return {
         "num_cases": n,
         "auc8": auc8,
