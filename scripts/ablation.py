@@ -27,9 +27,15 @@ Rows (paper section 4):
   delayed: LIDIA (t3_sam's checkpoint) evaluated on the same test cases with the delayed
     phase removed from every case (D channel zeroed, phase_mask[3] False); the table gives the
     per-class AUC with D, without D and the difference.
+  Table 4 (not in the paper), one change each to the demo model (t3_pooled), where the classes
+    are learned at the CPU budget: t4_early (early fusion instead of IFM), t4_no_acl (no
+    contrastive loss), t4_volume (lesion-volume patient score instead of LiverMax), t4_focal
+    (the paper's focal class loss instead of cross-entropy), t4_sam (+SAM, as the paper),
+    t4_no_delayed (the demo model tested without the delayed phase).
 LiverMax changes inference only, so `t3_livermax` is not trained: it evaluates t3_focal's
 checkpoint with the LiverMax patient score (as `delayed` evaluates t3_sam's), which isolates the
-score from training noise and saves a run. Evaluation-only rows wait for their source row.
+score from training noise and saves a run; so do t4_volume and t4_no_delayed with t3_pooled's.
+Evaluation-only rows wait for their source row.
 
 Row commands name this checkout's files relative to it (`configs/lidia.py`,
 `scripts/ablation.py`) and run with the checkout as working directory, so a row recorded by
@@ -61,8 +67,10 @@ LESIONS = ("HCC", "ICC", "meta", "heman", "FNH", "cyst", "calc", "others")
 SCALARS = ("auc8", "auc2", "lesion_dice", "lesion_sensitivity", "lesion_precision")
 SCALAR_TITLES = ("Mean (AUC-8)", "AUC-2", "lesion Dice", "sensitivity", "precision")
 
-# source: the row whose trained model this row evaluates (None: the row trains its own).
-Row = collections.namedtuple("Row", "table label overrides source", defaults=(None,))
+# source: the row whose trained model this row evaluates (None: the row trains its own);
+# without_delayed: that evaluation removes the delayed phase from every test case.
+Row = collections.namedtuple("Row", "table label overrides source without_delayed",
+                             defaults=(None, False))
 
 # Per-voxel rows at lr 1e-2: at the demo's 2e-3 the U-Net's held-out lesion-voxel class accuracy
 # after 400 steps was 0.056, at 1e-2 0.226 (nnU-Net's SGD, 1e-2 / 0.99: 0.115); README.
@@ -72,6 +80,18 @@ _T2 = ("head=per_voxel", "patient_score=volume", "sam=0", "contrastive=none", "l
 # auxiliary semantic map (both on in the demo config); t3_pooled adds them to t3_acl, with the
 # demo's cross-entropy class loss, which makes it the demo config itself.
 _T3 = ("head=mask2former", "delayed=1", "pooled=0", "aux_semantic=0")
+# The demo config, spelled out (t3_pooled), and Table 4's one change to it per row.
+_DEMO = ("head=mask2former", "delayed=1", "fusion=ifm", "cls_loss=ce", "patient_score=livermax",
+         "contrastive=acl", "sam=0", "pooled=1", "aux_semantic=0.5")
+DEMO_ROW = "t3_pooled"
+
+
+def _demo_with(change):
+    """_DEMO with the override of `change`'s key replaced by `change`."""
+    key = change.split("=")[0]
+    return tuple(change if o.split("=")[0] == key else o for o in _DEMO)
+
+
 ROWS = collections.OrderedDict([
     ("t2_early", Row(2, "Baseline nnU-Net (early fusion, no delayed phase)",
                      _T2 + ("fusion=early", "delayed=0"))),
@@ -95,10 +115,15 @@ ROWS = collections.OrderedDict([
                                              "patient_score=livermax", "contrastive=acl",
                                              "sam=1"))),
     ("t3_pooled", Row(3, "t3_acl + mask-pooled intensity logits, auxiliary semantic map, CE "
-                         "(not in the paper; the demo)",
-                      ("head=mask2former", "delayed=1", "fusion=ifm", "cls_loss=ce",
-                       "patient_score=livermax", "contrastive=acl", "sam=0", "pooled=1",
-                       "aux_semantic=0.5"))),
+                         "(not in the paper; the demo)", _DEMO)),
+    ("t4_early", Row(4, "early fusion instead of IFM", _demo_with("fusion=early"))),
+    ("t4_no_acl", Row(4, "no contrastive loss (ACL removed)", _demo_with("contrastive=none"))),
+    ("t4_volume", Row(4, "lesion-volume patient score instead of LiverMax",
+                      _demo_with("patient_score=volume"), source="t3_pooled")),
+    ("t4_focal", Row(4, "focal class loss instead of cross-entropy", _demo_with("cls_loss=focal"))),
+    ("t4_sam", Row(4, "+SAM", _demo_with("sam=1"))),
+    ("t4_no_delayed", Row(4, "tested without the delayed phase", _DEMO, source="t3_pooled",
+                          without_delayed=True)),
 ])
 DELAYED = "delayed"  # LIDIA without the delayed phase at test time
 DELAYED_SOURCE = "t3_sam"
@@ -111,6 +136,11 @@ SCRIPT_FILE = "scripts/ablation.py"
 def source_of(name):
     """The row whose checkpoint row `name` evaluates, or None if `name` trains."""
     return DELAYED_SOURCE if name == DELAYED else ROWS[name].source
+
+
+def without_delayed(name):
+    """Whether row `name` tests its source's checkpoint with the delayed phase removed."""
+    return name == DELAYED or ROWS[name].without_delayed
 
 
 def variant(base, name):
@@ -278,6 +308,7 @@ def evaluate_row(name, args, log=print):
     """An evaluation-only row: its source row's checkpoint (config.inference.checkpoint, as in
     the trainer's test report) on the source's test cases, with row `name`'s inference
     settings (t3_livermax: the LiverMax score) or without the D phase (delayed)."""
+    drop_d = without_delayed(name)
     sys.path.insert(0, str(ROOT))
     from lidia_jax import model as model_lib
     from lidia_jax.data import preprocessing
@@ -298,14 +329,14 @@ def evaluate_row(name, args, log=print):
     params, step = ckpt.restore_params(source, config.inference.checkpoint)
     log(f"ablation: {name}: evaluating {source} ({config.inference.checkpoint} checkpoint, step "
         f"{step}) on {len(cases)} test cases"
-        + (f" without the delayed phase ({with_d} had it)" if name == DELAYED else "")
+        + (f" without the delayed phase ({with_d} had it)" if drop_d else "")
         + f", patient score {config.inference.patient_score}")
     model = model_lib.build_model(config.model)
     summary = evaluate_lib.evaluate_cache(
-        model, params, WithoutDelayed(cache) if name == DELAYED else cache, cases, config,
+        model, params, WithoutDelayed(cache) if drop_d else cache, cases, config,
         report_dir=out / "test_report", log=log)
     summary_extra = {"checkpoint_step": step, "source": source.name}
-    if name == DELAYED:
+    if drop_d:
         summary_extra["cases_with_delayed"] = with_d
     (out / "test_metrics.json").write_text(json.dumps(
         {**{k: v for k, v in summary.items() if isinstance(v, (int, float))}, **summary_extra},
@@ -354,18 +385,18 @@ def collect(root):
     return {name: read_metrics(root / name) for name in ALL_ROWS}
 
 
-def delayed_difference(with_d, without_d):
-    """Per-class AUC and scalar differences, with D minus without D (None if undefined)."""
-    def diff(a, b):
-        return None if a is None or b is None else a - b
-    out = {"auc": {n: diff(with_d["auc"][n], without_d["auc"][n]) for n in LESIONS}}
-    out.update({k: diff(with_d[k], without_d[k]) for k in SCALARS})
+def difference(a, b):
+    """Per-class AUC and scalar differences a - b (None where either is undefined)."""
+    def diff(x, y):
+        return None if x is None or y is None else x - y
+    out = {"auc": {n: diff(a["auc"][n], b["auc"][n]) for n in LESIONS}}
+    out.update({k: diff(a[k], b[k]) for k in SCALARS})
     return out
 
 
 def markdown(results):
     env, rows = results["environment"], results["rows"]
-    lines = ["# LIDIA ablations (paper Tables 2 and 3, delayed phase)", "",
+    lines = ["# LIDIA ablations (paper Tables 2 and 3, delayed phase; Table 4)", "",
              f"- Date (UTC): {env['date_utc']}; machine: {env['machine']}; devices: "
              f"{env['devices']}",
              f"- Command: `{results['command']}`",
@@ -377,21 +408,34 @@ def markdown(results):
              "- Patient AUC per class on the test split; Mean (AUC-8) averages the classes with a"
              " defined AUC (n/a: the class is absent from, or present in, every test patient);"
              " lesion Dice is global (voxels pooled); sensitivity/precision are lesion-wise.", ""]
+    def row_line(name, label):
+        m = rows[name]["metrics"]
+        return (_metric_row(f"{label} (`{name}`)", m) if m else
+                f"| {label} (`{name}`) | {_status_text(rows[name]['status'])} |"
+                + " |" * (len(LESIONS) + len(SCALARS) - 1))
+
     for table, title in ((2, "Table 2: multi-phase fusion (per-voxel nnU-Net head, patient "
                              "score = lesion volume [24])"),
-                         (3, "Table 3: ablation (Mask2Former head)")):
+                         (3, "Table 3: ablation (Mask2Former head)"),
+                         (4, "Table 4 (not in the paper): one change each to the demo model")):
+        names = [n for n, row in ROWS.items() if row.table == table]
         lines += [f"## {title}", ""] + _header("Method")
-        for name, row in ROWS.items():
-            if row.table != table:
-                continue
-            m = rows[name]["metrics"]
-            lines.append(_metric_row(f"{row.label} (`{name}`)", m) if m else
-                         f"| {row.label} (`{name}`) | {_status_text(rows[name]['status'])} |"
-                         + " |" * (len(LESIONS) + len(SCALARS) - 1))
+        if table == 4:
+            lines.append(row_line(DEMO_ROW, "the demo"))
+        lines += [row_line(n, ROWS[n].label) for n in names]
         if table == 3:
             lines.append(f"\n`t3_livermax` is not trained: it scores "
                          f"`{ROWS['t3_livermax'].source}`'s checkpoint with LiverMax (an "
                          "inference-only change).")
+        demo = rows[DEMO_ROW]["metrics"]
+        done = [n for n in names if demo and rows[n]["metrics"]]
+        if table == 4 and done:
+            lines += ["", "Each row minus the demo:", ""] + _header("Change")
+            lines += [_metric_row(f"{ROWS[n].label} (`{n}`)",
+                                  difference(rows[n]["metrics"], demo)) for n in done]
+        if table == 4:
+            lines.append(f"\n`t4_volume` and `t4_no_delayed` are not trained: they test "
+                         f"`{DEMO_ROW}`'s checkpoint.")
         lines.append("")
     lines += ["## Delayed phase: LIDIA (t3_sam) with vs without D at test time", ""]
     d = results.get("delayed")
@@ -450,7 +494,7 @@ def write_tables(args, statuses, log=print):
                "cache_dir": str(cache_dir), "rows": rows, "delayed": None,
                "cases_with_delayed": None}
     if metrics[DELAYED] and metrics[DELAYED_SOURCE]:
-        results["delayed"] = delayed_difference(metrics[DELAYED_SOURCE], metrics[DELAYED])
+        results["delayed"] = difference(metrics[DELAYED_SOURCE], metrics[DELAYED])
         extra = root / DELAYED / "test_metrics.json"
         if extra.is_file():
             results["cases_with_delayed"] = json.loads(extra.read_text()).get(

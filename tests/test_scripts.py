@@ -92,7 +92,13 @@ def test_ablation_rows_are_valid_configs(ablation):
               "t3_ifm": ("mask2former", "ifm", False, False, "livermax"),
               "t3_acl": ("mask2former", "ifm", False, False, "livermax"),
               "t3_sam": ("mask2former", "ifm", False, True, "livermax"),
-              "t3_pooled": ("mask2former", "ifm", False, False, "livermax")}
+              "t3_pooled": ("mask2former", "ifm", False, False, "livermax"),
+              "t4_early": ("mask2former", "early", False, False, "livermax"),
+              "t4_no_acl": ("mask2former", "ifm", False, False, "livermax"),
+              "t4_volume": ("mask2former", "ifm", False, False, "volume"),
+              "t4_focal": ("mask2former", "ifm", False, False, "livermax"),
+              "t4_sam": ("mask2former", "ifm", False, True, "livermax"),
+              "t4_no_delayed": ("mask2former", "ifm", False, False, "livermax")}
     assert set(expect) == set(ablation.ROWS)
     for name, (head, fusion, drop_d, sam, score) in expect.items():
         c = ablation.row_config("demo", name, "/tmp/r", steps=7)
@@ -106,15 +112,34 @@ def test_ablation_rows_are_valid_configs(ablation):
     assert cls["t3_baseline"].cls_loss == "ce" and cls["t3_focal"].cls_loss == "focal"
     assert cls["t3_acl"].cls_loss == "focal" and cls["t3_pooled"].cls_loss == "ce"
     assert cls["t3_ifm"].contrastive == "none" and cls["t3_acl"].contrastive == "acl"
+    table4 = {n for n, row in ablation.ROWS.items() if row.table == 4}
     pooled = {n for n in ablation.ROWS
               if ablation.row_config("demo", n, "/r").model.pooled_intensity}
-    assert pooled == {"t3_pooled"}  # the paper's rows are the paper's model
+    assert pooled == {"t3_pooled"} | table4  # the paper's rows are the paper's model
     aux = {n for n in ablation.ROWS
            if ablation.row_config("demo", n, "/r").model.aux_semantic}
-    assert aux == {"t3_pooled"}
+    assert aux == {"t3_pooled"} | table4
     demo, row = load_config("demo"), ablation.row_config("demo", "t3_pooled", "/r")
     assert row.model == demo.model and row.loss == demo.loss and row.optim == demo.optim
     assert row.inference == demo.inference
+
+    # Table 4: each row's config differs from the demo's in the one field it names.
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    demo_flat = flat(row.to_dict())
+    changed = {"t4_early": {"model.fusion": "early"}, "t4_no_acl": {"loss.contrastive": "none"},
+               "t4_volume": {"inference.patient_score": "volume"},
+               "t4_focal": {"loss.cls_loss": "focal"}, "t4_sam": {"optim.sam": True},
+               "t4_no_delayed": {}}
+    assert set(changed) == table4
+    for name, want in changed.items():
+        got = flat(ablation.row_config("demo", name, "/r").to_dict())
+        assert set(got) == set(demo_flat), name
+        assert {k: v for k, v in got.items() if v != demo_flat[k]} == want, name
 
 
 def test_ablation_dry_run_commands(ablation, capsys, tmp_path):
@@ -169,7 +194,11 @@ def test_ablation_evaluation_only_rows(ablation, tmp_path):
     assert livermax["inference"]["patient_score"] == "livermax"
     focal.pop("inference"), livermax.pop("inference")
     assert focal == livermax  # everything that shapes training is the same
-    assert [n for n in ablation.ALL_ROWS if ablation.source_of(n)] == ["t3_livermax", "delayed"]
+    assert [n for n in ablation.ALL_ROWS if ablation.source_of(n)] == [
+        "t3_livermax", "t4_volume", "t4_no_delayed", "delayed"]
+    assert [n for n in ablation.ALL_ROWS if ablation.without_delayed(n)] == [
+        "t4_no_delayed", "delayed"]
+    assert {ablation.source_of(n) for n in ("t4_volume", "t4_no_delayed")} == {"t3_pooled"}
     args = ablation.parse_args(["--root", str(tmp_path), "--base", "smoke"])
     assert "--evaluate-row=t3_livermax" in ablation.row_command("t3_livermax", args)
     assert ablation.run_row("t3_livermax", args, log=lambda *a: None) == "blocked"
@@ -200,7 +229,8 @@ def test_ablation_tables_from_metrics(ablation, tmp_path):
     n = len(PATIENT_CODES)
     expected = {}
     for name, seed, pred in (("t2_ifm", 1, [True] * n), ("t3_sam", 2, [True, False] * (n // 2)),
-                             ("delayed", 3, [False, True] * (n // 2))):
+                             ("delayed", 3, [False, True] * (n // 2)),
+                             ("t3_pooled", 4, [True] * n), ("t4_early", 5, [False] * n)):
         expected[name] = _write_fake_metrics(tmp_path / name, seed, pred)
     out = tmp_path / "tables" / "abl.md"
     assert ablation.main(["--root", str(tmp_path), "--base", "smoke", "--tables-only",
@@ -231,6 +261,14 @@ def test_ablation_tables_from_metrics(ablation, tmp_path):
     diff_line = next(l for l in md.splitlines() if l.startswith("| difference"))
     assert "n/a" in diff_line  # calc has no AUC in either run
     assert "Table 2" in md and "Table 3" in md and "Command: `" in md
+    # Table 4: the demo's row, each run row, then each minus the demo.
+    assert "| the demo (`t3_pooled`) |" in md and "(`t4_sam`) | not run |" in md
+    early = [l for l in md.splitlines() if "(`t4_early`)" in l]
+    assert len(early) == 2  # its row, and its difference from the demo
+    cells = [c.strip() for c in early[1].strip("|").split("|")]
+    demo, row = data["rows"]["t3_pooled"]["metrics"], data["rows"]["t4_early"]["metrics"]
+    assert cells[9] == f"{row['auc8'] - demo['auc8']:.3f}"
+    assert cells[11] == f"{row['lesion_dice'] - demo['lesion_dice']:.3f}"
 
 
 def test_without_delayed_cache(ablation, tmp_path):
