@@ -119,10 +119,10 @@ ROWS = collections.OrderedDict([
     ("t4_early", Row(4, "early fusion instead of IFM", _demo_with("fusion=early"))),
     ("t4_no_acl", Row(4, "no contrastive loss (ACL removed)", _demo_with("contrastive=none"))),
     ("t4_volume", Row(4, "lesion-volume patient score instead of LiverMax",
-                      _demo_with("patient_score=volume"), source="t3_pooled")),
+                      _demo_with("patient_score=volume"), source=DEMO_ROW)),
     ("t4_focal", Row(4, "focal class loss instead of cross-entropy", _demo_with("cls_loss=focal"))),
     ("t4_sam", Row(4, "+SAM", _demo_with("sam=1"))),
-    ("t4_no_delayed", Row(4, "tested without the delayed phase", _DEMO, source="t3_pooled",
+    ("t4_no_delayed", Row(4, "tested without the delayed phase", _DEMO, source=DEMO_ROW,
                           without_delayed=True)),
 ])
 DELAYED = "delayed"  # LIDIA without the delayed phase at test time
@@ -307,7 +307,7 @@ class WithoutDelayed:
 def evaluate_row(name, args, log=print):
     """An evaluation-only row: its source row's checkpoint (config.inference.checkpoint, as in
     the trainer's test report) on the source's test cases, with row `name`'s inference
-    settings (t3_livermax: the LiverMax score) or without the D phase (delayed)."""
+    settings (t3_livermax: the LiverMax score) or without the D phase (delayed, t4_no_delayed)."""
     drop_d = without_delayed(name)
     sys.path.insert(0, str(ROOT))
     from lidia_jax import model as model_lib
