@@ -414,6 +414,7 @@ def markdown(results):
                 f"| {label} (`{name}`) | {_status_text(rows[name]['status'])} |"
                 + " |" * (len(LESIONS) + len(SCALARS) - 1))
 
+    demo = rows[DEMO_ROW]["metrics"]
     for table, title in ((2, "Table 2: multi-phase fusion (per-voxel nnU-Net head, patient "
                              "score = lesion volume [24])"),
                          (3, "Table 3: ablation (Mask2Former head)"),
@@ -427,15 +428,14 @@ def markdown(results):
             lines.append(f"\n`t3_livermax` is not trained: it scores "
                          f"`{ROWS['t3_livermax'].source}`'s checkpoint with LiverMax (an "
                          "inference-only change).")
-        demo = rows[DEMO_ROW]["metrics"]
-        done = [n for n in names if demo and rows[n]["metrics"]]
-        if table == 4 and done:
-            lines += ["", "Each row minus the demo:", ""] + _header("Change")
-            lines += [_metric_row(f"{ROWS[n].label} (`{n}`)",
-                                  difference(rows[n]["metrics"], demo)) for n in done]
         if table == 4:
-            lines.append(f"\n`t4_volume` and `t4_no_delayed` are not trained: they test "
-                         f"`{DEMO_ROW}`'s checkpoint.")
+            done = [n for n in names if demo and rows[n]["metrics"]]
+            if done:
+                lines += ["", "Each row minus the demo:", ""] + _header("Change")
+                lines += [_metric_row(f"{ROWS[n].label} (`{n}`)",
+                                      difference(rows[n]["metrics"], demo)) for n in done]
+            evaluated = " and ".join(f"`{n}`" for n in names if ROWS[n].source)
+            lines.append(f"\n{evaluated} are not trained: they test `{DEMO_ROW}`'s checkpoint.")
         lines.append("")
     lines += ["## Delayed phase: LIDIA (t3_sam) with vs without D at test time", ""]
     d = results.get("delayed")
