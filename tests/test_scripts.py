@@ -119,18 +119,20 @@ def test_ablation_rows_are_valid_configs(ablation):
     aux = {n for n in ablation.ROWS
            if ablation.row_config("demo", n, "/r").model.aux_semantic}
     assert aux == {"t3_pooled"} | table4
-    demo, row = load_config("demo"), ablation.row_config("demo", "t3_pooled", "/r")
+    # The demo config is t4_focal's; t3_pooled, Table 4's base, is it with cross-entropy.
+    demo, row = load_config("demo"), ablation.row_config("demo", "t4_focal", "/r")
     assert row.model == demo.model and row.loss == demo.loss and row.optim == demo.optim
     assert row.inference == demo.inference
+    row = ablation.row_config("demo", "t3_pooled", "/r")
 
-    # Table 4: each row's config differs from the demo's in the one field it names.
+    # Table 4: each row's config differs from the base's in the one field it names.
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    demo_flat = flat(row.to_dict())
+    base_flat = flat(row.to_dict())
     changed = {"t4_early": {"model.fusion": "early"}, "t4_no_acl": {"loss.contrastive": "none"},
                "t4_volume": {"inference.patient_score": "volume"},
                "t4_focal": {"loss.cls_loss": "focal"}, "t4_sam": {"optim.sam": True},
@@ -138,8 +140,8 @@ def test_ablation_rows_are_valid_configs(ablation):
     assert set(changed) == table4
     for name, want in changed.items():
         got = flat(ablation.row_config("demo", name, "/r").to_dict())
-        assert set(got) == set(demo_flat), name
-        assert {k: v for k, v in got.items() if v != demo_flat[k]} == want, name
+        assert set(got) == set(base_flat), name
+        assert {k: v for k, v in got.items() if v != base_flat[k]} == want, name
 
 
 def test_ablation_dry_run_commands(ablation, capsys, tmp_path):
@@ -261,14 +263,14 @@ def test_ablation_tables_from_metrics(ablation, tmp_path):
     diff_line = next(l for l in md.splitlines() if l.startswith("| difference"))
     assert "n/a" in diff_line  # calc has no AUC in either run
     assert "Table 2" in md and "Table 3" in md and "Command: `" in md
-    # Table 4: the demo's row, each run row, then each minus the demo.
-    assert "| the demo (`t3_pooled`) |" in md and "(`t4_sam`) | not run |" in md
+    # Table 4: the base's row, each run row, then each minus the base.
+    assert "| the base (`t3_pooled`) |" in md and "(`t4_sam`) | not run |" in md
     early = [l for l in md.splitlines() if "(`t4_early`)" in l]
-    assert len(early) == 2  # its row, and its difference from the demo
+    assert len(early) == 2  # its row, and its difference from the base
     cells = [c.strip() for c in early[1].strip("|").split("|")]
-    demo, row = data["rows"]["t3_pooled"]["metrics"], data["rows"]["t4_early"]["metrics"]
-    assert cells[9] == f"{row['auc8'] - demo['auc8']:.3f}"
-    assert cells[11] == f"{row['lesion_dice'] - demo['lesion_dice']:.3f}"
+    base, row = data["rows"]["t3_pooled"]["metrics"], data["rows"]["t4_early"]["metrics"]
+    assert cells[9] == f"{row['auc8'] - base['auc8']:.3f}"
+    assert cells[11] == f"{row['lesion_dice'] - base['lesion_dice']:.3f}"
 
 
 def test_without_delayed_cache(ablation, tmp_path):
