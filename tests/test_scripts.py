@@ -120,10 +120,9 @@ def test_ablation_rows_are_valid_configs(ablation):
            if ablation.row_config("demo", n, "/r").model.aux_semantic}
     assert aux == {"t3_pooled"} | table4
     # The demo config is t4_focal's; t3_pooled, Table 4's base, is it with cross-entropy.
-    demo, row = load_config("demo"), ablation.row_config("demo", "t4_focal", "/r")
-    assert row.model == demo.model and row.loss == demo.loss and row.optim == demo.optim
-    assert row.inference == demo.inference
-    row = ablation.row_config("demo", "t3_pooled", "/r")
+    demo, focal = load_config("demo"), ablation.row_config("demo", "t4_focal", "/r")
+    assert focal.model == demo.model and focal.loss == demo.loss and focal.optim == demo.optim
+    assert focal.inference == demo.inference
 
     # Table 4: each row's config differs from the base's in the one field it names.
     def flat(d, prefix=""):
@@ -132,7 +131,7 @@ def test_ablation_rows_are_valid_configs(ablation):
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    base_flat = flat(row.to_dict())
+    base_flat = flat(ablation.row_config("demo", ablation.T4_BASE, "/r").to_dict())
     changed = {"t4_early": {"model.fusion": "early"}, "t4_no_acl": {"loss.contrastive": "none"},
                "t4_volume": {"inference.patient_score": "volume"},
                "t4_focal": {"loss.cls_loss": "focal"}, "t4_sam": {"optim.sam": True},
