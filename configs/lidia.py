@@ -16,6 +16,7 @@ Overrides accepted in the config string (comma separated, `key=value`):
   pooled=0|1                        mask-pooled intensity class logits (model/mask_pooling.py)
   mask_stage=N                      encoder stage whose resolution the masks have (0: input's)
   paste=P                           lesion copy-paste of the rare classes, probability per patch
+  synth_calc=P                      a synthetic calcification, probability per patch
 
 Axis conventions: spatial tuples are (z, y, x) == (D, H, W); images are NDHWC.
 """
@@ -85,6 +86,12 @@ def _paper():
   c.input.paste_prob = 0.0
   c.input.paste_classes = ("calc", "FNH", "ICC", "others")  # the cohort's rarest
   c.input.paste_sigma = 0.7  # voxels: the soft edge of a pasted lesion
+  # Synthetic calcifications (data/synthetic_calc.py): with this probability a patch gets one more
+  # calcification, drawn (not copied) on its liver: calcium is dense in every phase, so new ones
+  # of any size, shape and density can be made. Not in the paper: off.
+  c.input.synth_calc_prob = 0.0
+  c.input.synth_calc_mm = (2.0, 10.0)  # diameter (enhancement_patterns.md: 2-10 mm)
+  c.input.synth_calc_hu = (250.0, 800.0)  # density, the same in every phase
   c.input.read_threads = 1
   c.input.aug = ml_collections.ConfigDict()
   c.input.aug.enabled = True
@@ -406,6 +413,7 @@ _OVERRIDES = {
     "pooled": lambda c, v: setattr(c.model, "pooled_intensity", bool(int(v))),
     "mask_stage": lambda c, v: setattr(c.model, "mask_stride_stage", int(v)),
     "paste": lambda c, v: setattr(c.input, "paste_prob", float(v)),
+    "synth_calc": lambda c, v: setattr(c.input, "synth_calc_prob", float(v)),
     "aux_semantic": lambda c, v: _set_aux_semantic(c, float(v)),
 }
 

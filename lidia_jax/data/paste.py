@@ -85,9 +85,10 @@ def donors_from_case(image: np.ndarray, seg: np.ndarray, inst: np.ndarray,
     return out
 
 
-def _place(mask: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
-           tries: int) -> Optional[Tuple[int, int, int]]:
-    """A corner at which the donor box fits in the patch and its lesion lies on liver, or None."""
+def place(mask: np.ndarray, liver: np.ndarray, rng: np.random.Generator,
+          tries: int) -> Optional[Tuple[int, int, int]]:
+    """A corner at which a lesion's box (mask bool [d, h, w]) fits in the patch (liver bool
+    [Pz, Py, Px]) with every lesion voxel on liver, or None."""
     room = np.asarray(liver.shape) - np.asarray(mask.shape)
     if (room < 0).any():
         return None
@@ -122,16 +123,25 @@ def paste(image: np.ndarray, seg: np.ndarray, inst: np.ndarray, phase_mask: np.n
                             for a in (donor.values, donor.mask, donor.weight))
     liver = seg == LIVER_CODE
     ref = liver_reference(image, liver)
-    corner = None if ref is None else _place(mask, liver, rng, tries)
+    corner = None if ref is None else place(mask, liver, rng, tries)
     if corner is None:
         return image, seg, inst, code_table
     box = tuple(slice(c, c + n) for c, n in zip(corner, mask.shape))
-    image, seg, inst = image.copy(), seg.copy(), inst.copy()
+    image = image.copy()
     w = (weight * liver[box])[..., None]  # the soft edge spares other lesions
     image[box] = (1.0 - w) * image[box] + w * ((ref + values) * phase_mask)
+    seg, inst, code_table = add_instance(seg, inst, code_table, box, mask, donor.code)
+    return image, seg, inst, code_table
+
+
+def add_instance(seg: np.ndarray, inst: np.ndarray, code_table: np.ndarray, box: tuple,
+                 mask: np.ndarray, code: int):
+    """Copies of seg and inst with `mask` (bool, the shape of `box`, a tuple of slices) labelled
+    `code` as a new instance, and code_table extended to it."""
+    seg, inst = seg.copy(), inst.copy()
     new_id = max(int(inst.max()), len(code_table) - 1) + 1
-    seg[box][mask] = donor.code
+    seg[box][mask] = code
     inst[box][mask] = new_id
     code_table = np.concatenate([code_table, np.zeros(new_id + 1 - len(code_table), np.int32)])
-    code_table[new_id] = donor.code
-    return image, seg, inst, code_table
+    code_table[new_id] = code
+    return seg, inst, code_table

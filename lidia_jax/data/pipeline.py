@@ -6,7 +6,8 @@ with memory maps, so a worker reads only the blocks its patches touch.
 
 Pipeline (grain.MapDataset, every step a pure function of the element index):
   source(cases) -> seed -> shuffle (per epoch) -> repeat
-  -> random_map(sample + augment (+ lesion paste, data/paste.py) + targets)
+  -> random_map(sample + augment (+ lesion paste, data/paste.py; synthetic calcifications,
+     data/synthetic_calc.py) + targets)
   -> shard [p::P] -> batch(local) -> to_iter_dataset -> mp_prefetch(num_workers)
 (with config.input.fg_balance "cohort" the source's epoch is class_balanced_order's, not the
 cases once each).
@@ -26,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import grain
 import numpy as np
 
-from lidia_jax.data import augment, paste, patches
+from lidia_jax.data import augment, paste, patches, synthetic_calc
 
 PathLike = Union[str, pathlib.Path]
 
@@ -232,11 +233,20 @@ class SamplePatch(grain.transforms.RandomMap):
     intensity augmentation and phase dropping, and builds the Mask2Former targets.
     """
 
-    def __init__(self, config, donors: Sequence[Sequence[paste.Donor]] = ()):
-        """donors: for lesion copy-paste, the donor lesions grouped by class (lesion_donors)."""
+    def __init__(self, config, donors: Sequence[Sequence[paste.Donor]] = (),
+                 intensity: Optional[Mapping] = None):
+        """donors: for lesion copy-paste, the donor lesions grouped by class (lesion_donors);
+        intensity: the cache's normalisation (plan.json "intensity"), for synthetic
+        calcifications (config.input.synth_calc_prob)."""
         self.patch_size = tuple(int(p) for p in config.input.patch_size)
         self.donors = [list(group) for group in donors if len(group)]
         self.paste_prob = float(config.input.get("paste_prob", 0.0))
+        self.calc_prob = synthetic_calc.check(config, intensity)
+        if self.calc_prob:
+            self.intensity = {k: list(intensity[k]) for k in ("mean", "std", "lo", "hi")}
+            self.calc_code = list(config.data.labels).index("calc")
+            self.calc_args = (tuple(config.preprocess.target_spacing),
+                              tuple(config.input.synth_calc_mm), tuple(config.input.synth_calc_hu))
         self.fg_prob = float(config.input.fg_prob)
         self.jitter = float(config.input.get("fg_jitter", 0.25))
         self.balance = patches.check_balance(str(config.input.get("fg_balance", "voxel")))
@@ -261,6 +271,11 @@ class SamplePatch(grain.transforms.RandomMap):
             group = self.donors[rng.integers(len(self.donors))]
             image, seg, inst, code_table = paste.paste(
                 image, seg, inst, phase_mask, code_table, group[rng.integers(len(group))], rng)
+        if self.calc_prob and rng.random() < self.calc_prob:  # no draw when off: same stream
+            frac, mask, hu = synthetic_calc.draw(rng, *self.calc_args)
+            image, seg, inst, code_table = synthetic_calc.insert(
+                image, seg, inst, phase_mask, code_table, frac, mask, hu, self.intensity,
+                self.calc_code, rng)
         if self.augment:
             image = augment.augment_intensity(image, phase_mask, rng, self.aug)
             image, phase_mask = augment.drop_phases(image, phase_mask, rng,
@@ -347,7 +362,8 @@ def make_train_dataset(cache_dir: PathLike, config, split: str = "train",
           .seed(seed)
           .shuffle()
           .repeat()
-          .random_map(SamplePatch(config, lesion_donors(cache_dir, split, config))))
+          .random_map(SamplePatch(config, lesion_donors(cache_dir, split, config),
+                                  load_plan(cache_dir).get("intensity"))))
     # Shard after random_map: element i's random draws depend on its global index only.
     ds = ds[process_index::process_count]
     return ds.batch(global_batch // process_count, drop_remainder=True)
