@@ -88,7 +88,8 @@ def _paper():
   c.input.paste_sigma = 0.7  # voxels: the soft edge of a pasted lesion
   # Synthetic calcifications (data/synthetic_calc.py): with this probability a patch gets one more
   # calcification, drawn (not copied) on its liver: calcium is dense in every phase, so new ones
-  # of any size, shape and density can be made. Not in the paper: off.
+  # of any size, shape and density can be made. Not in the paper: off (README, "Synthetic
+  # calcifications": on the demo, one seed, 0.5 gave unseen patients' calcifications a score).
   c.input.synth_calc_prob = 0.0
   c.input.synth_calc_mm = (2.0, 10.0)  # diameter (enhancement_patterns.md: 2-10 mm)
   c.input.synth_calc_hu = (250.0, 800.0)  # density, the same in every phase

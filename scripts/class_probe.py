@@ -74,7 +74,8 @@ def main(argv=None):
     workdir = pathlib.Path(args.workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     config.input.num_workers = 0
-    config.input.paste_prob = 0.0  # the patches as the data has them, no pasted lesions
+    # The patches as the data has them: no pasted or synthetic lesions.
+    config.input.paste_prob = config.input.synth_calc_prob = 0.0
     cache_dir = trainer.trained_cache_dir(workdir)
     params, step = ckpt.restore_params(workdir, "latest")
     model = model_lib.build_model(config.model)
