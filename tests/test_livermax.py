@@ -98,3 +98,36 @@ def test_diagnose_segments_the_blend_and_scores_the_queries_map():
     expected = np.full(8, 0.01)
     expected[4] = 0.3
     np.testing.assert_allclose(diag.patient_probabilities, expected, atol=1e-3)
+
+
+def test_diagnose_livermax_blend_classes_read_the_blend():
+    """inference.livermax_blend_classes: those classes' LiverMax reads the blend (channels 0-9),
+    the others and malignancy keep the queries' map; unknown names are refused."""
+    from conftest import load_config
+    from lidia_jax.inference import diagnose, semantic
+
+    config = load_config("smoke")
+    config.inference.overlap = 0.0
+    config.inference.livermax_blend_classes = ("calc",)
+    shape = tuple(config.input.patch_size)
+    seg_map = np.zeros(shape + (10,), np.float32)
+    seg_map[..., 1] = 1.0
+    seg_map[1, 2, 3, [1, 8, 2]] = [0.5, 0.3, 0.2]  # calc (code 8) and HCC evidence, not a lesion
+    score_map = np.full(shape + (10,), 0.01, np.float32)
+    score_map[..., 1] = 0.91
+    score_map[2, 2, 2, 2] = 0.4  # the queries' HCC
+
+    def tile_fn(tiles, phase_mask):
+        b = tiles.shape[0]
+        return np.broadcast_to(np.concatenate([seg_map, score_map], -1), (b,) + shape + (20,)), None
+
+    diag = diagnose.diagnose_volume(np.zeros(shape + (4,), np.float32), [True] * 4, tile_fn,
+                                    (6.0, 6.0, 6.0), config)
+    assert diag.lesions == []
+    expected = np.full(8, 0.01)
+    expected[0], expected[6] = 0.4, 0.3
+    np.testing.assert_allclose(diag.patient_probabilities, expected, atol=1e-3)
+    np.testing.assert_allclose(diag.malignancy_probability, 0.42, atol=1e-3)
+    config.inference.livermax_blend_classes = ("calcification",)
+    with pytest.raises(ValueError, match="calcification"):
+        semantic.check_settings(config)

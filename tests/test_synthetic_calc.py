@@ -105,5 +105,8 @@ def test_pipeline_draws_calcifications(cache):  # noqa: F811
                   3 * N_TRAIN)
     for a, b in zip(batches, again):  # still a pure function of the step
         np.testing.assert_array_equal(a["image"], b["image"])
-    assert load_config("demo,synth_calc=0.2").input.synth_calc_prob == 0.2
-    assert load_config("").input.synth_calc_prob == 0.0
+    demo = load_config("demo,synth_calc=0.2")
+    assert demo.input.synth_calc_prob == 0.2 and demo.input.synth_calc_mm == (6.0, 14.0)
+    assert demo.inference.livermax_blend_classes == ("calc",)
+    paper = load_config("")
+    assert paper.input.synth_calc_prob == 0.0 and paper.inference.livermax_blend_classes == ()

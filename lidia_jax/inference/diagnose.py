@@ -76,7 +76,8 @@ def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Call
     t1 = time.perf_counter()
     names = label_names(config)
     # With inference.aux_semantic_blend the tiles carry the segmentation's blended map, then the
-    # queries' own map for LiverMax (inference/semantic.py); otherwise one map serves both.
+    # queries' own map for LiverMax (inference/semantic.py), except for the classes of
+    # inference.livermax_blend_classes; otherwise one map serves both.
     probs, score_probs = res.probs[..., :len(names)], res.probs[..., -len(names):]
     labels = argmax_labels(probs)
     pp = postprocess_lib.postprocess(labels, probs, spacing, min_lesion_volumes(config),
@@ -87,8 +88,13 @@ def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Call
     malignant = tuple(config.data.malignant)
     method = inf.patient_score
     if method == "livermax":
-        per_class, malignancy = patient_scores.livermax_scores(
-            score_probs, pp.seg >= 1, tuple(names.index(n) for n in malignant))
+        liver, malignant_codes = pp.seg >= 1, tuple(names.index(n) for n in malignant)
+        per_class, malignancy = patient_scores.livermax_scores(score_probs, liver,
+                                                               malignant_codes)
+        from_blend = [lesion.index(n) for n in inf.get("livermax_blend_classes", ())]
+        if from_blend:
+            per_class[from_blend] = patient_scores.livermax_scores(
+                probs, liver, malignant_codes)[0][from_blend]
     elif method == "volume":
         voxel_ml = float(np.prod(spacing)) / 1000.0
         lesions = [{"class": names[l["label"]], "volume_ml": l["voxels"] * voxel_ml}

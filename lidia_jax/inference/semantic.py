@@ -30,7 +30,9 @@ Auxiliary semantic blend (config.inference.aux_semantic_blend = w, with model.au
 an ensemble of the queries' map p with the mask features' own per-voxel map, for the
 segmentation only (not in the paper); the tile's probabilities are then [..., 20], p_seg
 followed by p, which LiverMax keeps reading (inference/diagnose.py): blended into the patient
-scores, the per-voxel map's weak class evidence lowered the test AUCs (README).
+scores, the per-voxel map's weak class evidence lowered the test AUCs (README), except for the
+classes of config.inference.livermax_blend_classes, lesions of a few mm that the masks' stride-2
+grid blurs away and the auxiliary map on the input's grid keeps.
 
 Per-voxel head: softmax of seg_logits over the 10 label codes.
 """
@@ -71,6 +73,11 @@ def check_settings(config):
         raise ValueError(f"config.inference.aux_semantic_blend={blend} needs the Mask2Former "
                          f"head's auxiliary semantic map: set config.model.aux_semantic = True "
                          f"(head {config.model.head!r}) or the blend to 0.")
+    unknown = set(config.inference.get("livermax_blend_classes", ())) - set(
+        tuple(config.data.labels)[2:])
+    if unknown:
+        raise ValueError(f"config.inference.livermax_blend_classes names {sorted(unknown)}; "
+                         f"expected lesion classes of config.data.labels[2:]")
 
 
 def mask2former_semantic(class_logits, mask_logits, tile_shape: Sequence[int],
