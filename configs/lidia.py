@@ -205,6 +205,9 @@ def _paper():
   # more on the training patches, and the test figures fell (README).
   c.loss.pooled_alone_matched_only = False
   c.loss.aux_semantic_weight = 1.0  # with model.aux_semantic: weight of its Dice + CE
+  # (objective) with model.aux_semantic: weight of that map's lesion-wise Dice loss, every lesion
+  # once however small (blob loss; objective/per_voxel.lesion_wise_dice). 0 = off.
+  c.loss.aux_lesion_dice_weight = 0.0
   # per-voxel head (nnU-Net): Dice + CE with deep supervision weights 1/2^i
   c.loss.ds_weights_decay = 0.5
   # (objective) deep-supervision layers matched and lossed in parallel (vmap):
@@ -423,6 +426,7 @@ _OVERRIDES = {
     "paste": lambda c, v: setattr(c.input, "paste_prob", float(v)),
     "synth_calc": lambda c, v: _set_synth_calc(c, float(v)),
     "aux_semantic": lambda c, v: _set_aux_semantic(c, float(v)),
+    "lesion_dice": lambda c, v: setattr(c.loss, "aux_lesion_dice_weight", float(v)),
 }
 
 

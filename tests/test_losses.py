@@ -625,6 +625,115 @@ def test_aux_semantic_term_adds_upsampled_dice_ce():
     assert "loss_aux_semantic_ce" not in plain_aux["metrics"]
 
 
+def np_lesion_wise_dice(logits, masks, classes, valid, smooth=1e-5):
+    """Naive loop over patches and lesions of per_voxel.lesion_wise_dice."""
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    losses = []
+    for b in range(masks.shape[0]):
+        for t in range(masks.shape[1]):
+            if not valid[b, t] or classes[b, t] < 1:
+                continue
+            others = np.zeros(masks.shape[2:], bool)
+            for u in range(masks.shape[1]):
+                if u != t and valid[b, u] and classes[b, u] >= 1:
+                    others |= masks[b, u]
+            p = prob[b, ..., classes[b, t] + 1][~others]
+            m = masks[b, t][~others].astype(float)
+            losses.append(1 - (2 * np.sum(p * m) + smooth) / (np.sum(p) + m.sum() + smooth))
+    return np.mean(losses) if losses else 0.0
+
+
+def _lesion_targets(seed, shape=(2, 6, 5, 8, 8)):
+    """Random overlapping instance masks [B, T, D, H, W], classes (0 = liver) and validity."""
+    rng = np.random.default_rng(seed)
+    b, t = shape[:2]
+    masks = rng.random(shape) < 0.15
+    classes = rng.integers(1, 9, (b, t))
+    classes[:, 0] = 0
+    valid = rng.random((b, t)) < 0.8
+    logits = rng.normal(size=(b,) + shape[2:] + (10,)) * 2
+    return logits, masks, classes, valid
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lesion_wise_dice_matches_naive_loop(seed):
+    """per_voxel.lesion_wise_dice equals a loop over lesions, each Dice of its class channel
+    on the voxels outside the other lesions; the liver and invalid slots are skipped."""
+    logits, masks, classes, valid = _lesion_targets(seed)
+    got = per_voxel.lesion_wise_dice(jnp.asarray(logits, jnp.float32), jnp.asarray(masks),
+                                     jnp.asarray(classes), jnp.asarray(valid))
+    np.testing.assert_allclose(float(got), np_lesion_wise_dice(logits, masks, classes, valid),
+                               rtol=1e-5)
+
+
+def test_lesion_wise_dice_counts_each_lesion_once():
+    """A large lesion found exactly and a one-voxel lesion of the same class missed: the loss
+    is 1/2 (the class Dice of dice_ce would be 1 - 128/129, near 0); no lesion gives 0, not
+    NaN."""
+    shape = (1, 3, 4, 8, 8)
+    masks = np.zeros(shape, bool)
+    masks[0, 1, :, :4, :4] = True  # 64 voxels of class 2 (code 3)
+    masks[0, 2, 0, 7, 7] = True  # 1 voxel of class 2
+    classes = np.array([[0, 2, 2]])
+    valid = np.array([[False, True, True]])
+    logits = np.full(shape[:1] + shape[2:] + (10,), -20.0)
+    logits[..., 1] = 0.0  # parenchyma everywhere...
+    logits[0, :, :4, :4, :] = -20.0
+    logits[0, :, :4, :4, 3] = 20.0  # ...but the large lesion, found exactly
+    got = float(per_voxel.lesion_wise_dice(jnp.asarray(logits, jnp.float32),
+                                           jnp.asarray(masks), jnp.asarray(classes),
+                                           jnp.asarray(valid)))
+    np.testing.assert_allclose(got, 0.5, atol=1e-3)
+    none = per_voxel.lesion_wise_dice(jnp.asarray(logits, jnp.float32), jnp.asarray(masks),
+                                      jnp.asarray(classes), jnp.zeros_like(jnp.asarray(valid)))
+    assert float(none) == 0.0
+
+
+def test_lesion_wise_dice_gradient_matches_finite_differences():
+    """d loss / d logits against central differences in float64, at a few logits."""
+    logits, masks, classes, valid = _lesion_targets(5, (1, 4, 3, 4, 4))
+    with jax.enable_x64(True):
+        f = lambda x: per_voxel.lesion_wise_dice(x, jnp.asarray(masks), jnp.asarray(classes),
+                                                 jnp.asarray(valid))
+        x = jnp.asarray(logits, jnp.float64)
+        grad = np.asarray(jax.grad(f)(x))
+        rng = np.random.default_rng(0)
+        for _ in range(6):
+            idx = tuple(int(rng.integers(0, n)) for n in logits.shape)
+            e = np.zeros_like(logits)
+            e[idx] = 1e-5
+            fd = (float(f(x + e)) - float(f(x - e))) / 2e-5
+            np.testing.assert_allclose(grad[idx], fd, rtol=1e-4, atol=1e-9)
+
+
+def test_aux_lesion_dice_term_is_added_and_needs_the_aux_map():
+    """aux_lesion_dice_weight adds weight x lesion_wise_dice of the aux logits on the labels'
+    grid to the loss; without outputs["aux_seg_logits"] (model.aux_semantic off) it is refused
+    with the config fields to change. `lesion_dice=W` in the config string sets the weight."""
+    cfg = load_config("smoke,contrastive=none")
+    cfg.loss.deep_supervision = False
+    outputs, batch = _model_shaped(9, cfg)
+    rng = np.random.default_rng(4)
+    shape = tuple(cfg.input.patch_size)
+    aux = jnp.asarray(rng.normal(size=(2,) + shape + (10,)), jnp.float32)
+    batch = dict(batch, semantic=jnp.asarray(rng.integers(0, 10, (2,) + shape), jnp.int32))
+    key = jax.random.PRNGKey(3)
+    plain, _ = compute_loss(dict(outputs, aux_seg_logits=aux), batch, None, key, cfg)
+    cfg.loss.aux_lesion_dice_weight = 3.0
+    loss, extra = compute_loss(dict(outputs, aux_seg_logits=aux), batch, None, key, cfg)
+    want = np_lesion_wise_dice(np.asarray(aux), np.asarray(batch["masks"]).astype(bool),
+                               np.asarray(batch["classes"]), np.asarray(batch["valid"]))
+    assert want > 0
+    np.testing.assert_allclose(float(extra["metrics"]["loss_aux_lesion_dice"]), want,
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(plain) + 3.0 * want, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.aux_semantic"):
+        compute_loss(outputs, batch, None, key, cfg)
+    assert load_config("demo").loss.aux_lesion_dice_weight == 0.0
+    assert load_config("demo,lesion_dice=5").loss.aux_lesion_dice_weight == 5.0
+
+
 def test_pooled_alone_term_uses_the_class_loss_labels():
     """pooled_alone_weight adds cls_weight x weight x the class loss of outputs["pooled_logits"]
     with the same matching and labels: given the class logits themselves as the pooled logits,

@@ -5,6 +5,7 @@ L_final = seg_weight * L_seg + cls_weight * L_focal + acl_weight * L_acl (Eq. 6)
              logits, with the same matching and labels, every layer]
           [+ pooled_target_weight * CE of the mask-pooled class head under the true masks]
           [+ aux_semantic_weight * (CE + Dice) of the linear label-code map of the mask features]
+          [+ aux_lesion_dice_weight * the mean over lesions of that map's lesion-wise Dice loss]
 
 L_seg and L_focal are computed for the final prediction and, with
 config.loss.deep_supervision, for every intermediate one (outputs[...][i],
@@ -50,6 +51,10 @@ def _check(outputs, batch, memory, config):
                 "compute_loss: memory bank missing or of the wrong width for "
                 f"embeddings of size {width}; create it with "
                 "init_memory(config.loss.memory_size, config.model.acl_dim).")
+    if config.loss.get("aux_lesion_dice_weight", 0.0) > 0 and "aux_seg_logits" not in outputs:
+        raise ValueError("config.loss.aux_lesion_dice_weight > 0 is a loss of the auxiliary "
+                         "semantic map: set config.model.aux_semantic = True (and a "
+                         "config.inference.aux_semantic_blend) or the weight to 0.")
     t = batch["masks"].shape[1]
     if t > logits.shape[2]:
         raise ValueError(f"batch['masks'] has {t} targets but the model has "
@@ -236,11 +241,16 @@ def mask2former_loss(outputs, batch, memory, rng, config):
             (jnp.argmax(target_logits, -1) == classes) & lesion) / jnp.maximum(jnp.sum(lesion), 1)
 
     if "aux_seg_logits" in outputs:  # model.aux_semantic
-        ce_sem, dc_sem = per_voxel.upsampled_dice_ce(_at_least_f32(outputs["aux_seg_logits"]),
-                                                     batch["semantic"])
+        aux_seg = per_voxel.to_label_grid(_at_least_f32(outputs["aux_seg_logits"]),
+                                          batch["semantic"].shape)
+        ce_sem, dc_sem = per_voxel.dice_ce(aux_seg, batch["semantic"])
         total = total + cl.get("aux_semantic_weight", 1.0) * (ce_sem + dc_sem)
         metrics["loss_aux_semantic_ce"] = ce_sem
         metrics["loss_aux_semantic_dice"] = dc_sem
+        if cl.get("aux_lesion_dice_weight", 0.0) > 0:
+            lesion_dc = per_voxel.lesion_wise_dice(aux_seg, targets["masks"], classes, valid)
+            total = total + cl.aux_lesion_dice_weight * lesion_dc
+            metrics["loss_aux_lesion_dice"] = lesion_dc
 
     new_memory = memory
     if cl.contrastive != "none":

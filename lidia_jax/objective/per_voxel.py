@@ -93,19 +93,45 @@ def per_voxel_loss(outputs, batch, config):
     return total, metrics
 
 
-def upsampled_dice_ce(logits, labels):
-    """Dice + CE of coarse logits against full-resolution labels: the Mask2Former head's
-    auxiliary semantic loss (config.loss.aux_semantic_weight; not in the paper).
-
-    Args:
-      logits: [B, d, h, w, C] on the labels' grid or a coarser one
-        (config.model.aux_semantic_stage); labels: int [B, D, H, W].
-
-    Returns:
-      (ce, dice_loss) of the logits resized trilinearly to [B, D, H, W, C] (half-voxel
-      centres, as jax.image.resize), so the smallest lesions keep their voxels in the loss.
-    """
-    shape = labels.shape + logits.shape[-1:]
+def to_label_grid(logits, label_shape):
+    """[B, d, h, w, C] -> [B, D, H, W, C] (label_shape = (B, D, H, W)), trilinear with half-voxel
+    centres (jax.image.resize); unchanged when already on that grid. The Mask2Former head's
+    auxiliary semantic map (config.model.aux_semantic_stage) is lossed on the labels' grid, so
+    the smallest lesions keep their voxels in the loss."""
+    shape = tuple(label_shape) + logits.shape[-1:]
     if logits.shape != shape:
         logits = jax.image.resize(logits, shape, method="trilinear")
-    return dice_ce(logits, labels)
+    return logits
+
+
+def lesion_wise_dice(logits, masks, classes, valid, smooth=1e-5):
+    """Mean over the lesions of 1 - Dice of each lesion against its own class channel: blob
+    loss (Kofler et al., 2022, "blob loss: instance imbalance aware loss functions"), here for
+    the auxiliary map (config.loss.aux_lesion_dice_weight; not in the paper).
+
+    The class Dice of dice_ce sums over the batch, so a patch's large lesion outweighs its small
+    ones; here every lesion counts once. For lesion t of class k (label code k + 1), with p the
+    softmax over label codes and R_t the voxels outside the other lesions (their own voxels are
+    neither rewarded nor punished for t; background false positives are):
+      Dice_t = (2 sum_R p_{k+1} m_t + smooth) / (sum_R p_{k+1} + sum_R m_t + smooth).
+
+    Args:
+      logits: [B, D, H, W, C] on the masks' grid (to_label_grid).
+      masks: bool [B, T, D, H, W] instance targets; classes: int [B, T] (0 the liver, k >= 1 the
+        lesion classes, label code k + 1); valid: bool [B, T]. The liver target is skipped.
+
+    Returns:
+      scalar: mean of 1 - Dice_t over the valid lesion targets (0 when there are none).
+    """
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    prob = jax.nn.softmax(logits, axis=-1)
+    lesion = valid & (classes >= 1)
+    m = (masks & lesion[:, :, None, None, None]).astype(prob.dtype)  # [B, T, D, H, W]
+    select = jax.nn.one_hot(classes + 1, prob.shape[-1], dtype=prob.dtype)  # [B, T, C]
+    p = jnp.einsum("bdhwc,btc->btdhw", prob, select)
+    others = (jnp.sum(m, axis=1, keepdims=True) - m) > 0  # voxels of R's complement
+    p, m = jnp.where(others, 0.0, p), jnp.where(others, 0.0, m)
+    axes = (2, 3, 4)
+    dice = ((2.0 * jnp.sum(p * m, axes) + smooth)
+            / (jnp.sum(p, axes) + jnp.sum(m, axes) + smooth))
+    return jnp.sum(jnp.where(lesion, 1.0 - dice, 0.0)) / jnp.maximum(jnp.sum(lesion), 1)
