@@ -226,6 +226,9 @@ def _paper():
   c.optim.schedule = "poly"  # poly | cosine | constant
   c.optim.sam = True
   c.optim.sam_rho = 0.05
+  # Exponential moving average of the weights, kept for inference (not in the paper; 0 = off;
+  # train/optimizer.ema_params).
+  c.optim.ema_decay = 0.0
 
   # ------------------------------------------------------------ training
   c.train = ml_collections.ConfigDict()
@@ -247,6 +250,9 @@ def _paper():
   c.inference.gaussian_sigma_scale = 0.125
   c.inference.tile_batch = 2
   c.inference.mirror_axes = ()  # e.g. (0, 1, 2) for mirroring TTA
+  # With optim.ema_decay > 0: validate, test and predict with the EMA of the weights (False: the
+  # raw weights of the same checkpoint).
+  c.inference.use_ema = True
   c.inference.patient_score = "livermax"  # livermax | volume | query_max
   # none (Mask2Former's sum over queries) | objectness (each query's term times its 1 - P(no
   # object); inference/semantic.py). Not in the paper; measured in README, "Query weighting".
@@ -427,6 +433,7 @@ _OVERRIDES = {
     "synth_calc": lambda c, v: _set_synth_calc(c, float(v)),
     "aux_semantic": lambda c, v: _set_aux_semantic(c, float(v)),
     "lesion_dice": lambda c, v: setattr(c.loss, "aux_lesion_dice_weight", float(v)),
+    "ema": lambda c, v: setattr(c.optim, "ema_decay", float(v)),
 }
 
 

@@ -329,7 +329,8 @@ def evaluate_row(name, args, log=print):
     cases = cache.case_names("test") or cache.case_names("val")  # as the trainer's test report
     with_d = sum(bool(json.loads((cache.path / c / "meta.json").read_text())["phase_mask"][3])
                  for c in cases)
-    params, step = ckpt.restore_params(source, config.inference.checkpoint)
+    params, step = ckpt.restore_params(source, config.inference.checkpoint,
+                                       config.inference.use_ema)
     log(f"ablation: {name}: evaluating {source} ({config.inference.checkpoint} checkpoint, step "
         f"{step}) on {len(cases)} test cases"
         + (f" without the delayed phase ({with_d} had it)" if drop_d else "")

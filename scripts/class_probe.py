@@ -77,7 +77,7 @@ def main(argv=None):
     # The patches as the data has them: no pasted or synthetic lesions.
     config.input.paste_prob = config.input.synth_calc_prob = 0.0
     cache_dir = trainer.trained_cache_dir(workdir)
-    params, step = ckpt.restore_params(workdir, "latest")
+    params, step = ckpt.restore_params(workdir, "latest", config.inference.get("use_ema", True))
     model = model_lib.build_model(config.model)
     apply = jax.jit(lambda p_, x, m: model.apply({"params": p_}, x, m))
     names = ["liver"] + list(config.data.labels[2:])

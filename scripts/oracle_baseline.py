@@ -102,7 +102,8 @@ def trained_model(workdir: pathlib.Path):
     from lidia_jax.train import checkpoint
 
     run = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    params, _ = checkpoint.restore_params(workdir, run.inference.checkpoint)
+    params, _ = checkpoint.restore_params(workdir, run.inference.checkpoint,
+                                          run.inference.get("use_ema", True))
     model = model_lib.build_model(run.model)
     return run, semantic.bind(semantic.model_tile_predictor(model, run),
                               semantic.as_variables(params))

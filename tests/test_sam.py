@@ -1,4 +1,4 @@
-"""Optimiser: SAM two-pass update by hand, schedules, SAM-off path."""
+"""Optimiser: SAM two-pass update by hand, schedules, SAM-off path, the weights' EMA."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from conftest import load_config
+from lidia_jax.train.optimizer import find_ema_params
 from lidia_jax.train.optimizer import make_optimizer
 from lidia_jax.train.optimizer import make_schedule
 
@@ -128,3 +129,42 @@ def test_sgd_matches_torch_nesterov_sgd_loop():
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="optim.name"):
         make_optimizer(_cfg(name="lamb"), num_steps=10)
+
+
+@pytest.mark.parametrize("sam", [False, True])
+def test_ema_of_the_weights_equals_a_loop_and_leaves_training_unchanged(sam):
+    """optim.ema_decay: the updates are those without it, bit for bit, and the EMA equals
+    e <- d e + (1 - d) w_(t+1), d = min(decay, (1 + t) / (10 + t)), written out for 30 steps
+    (decay 0.9, so the warm-up's d and the constant one both occur); SAM keeps it in its state."""
+    kw = dict(sam=sam, sam_rho=0.1, lr=0.05, weight_decay=0.01, grad_clip=2.0)
+    plain = make_optimizer(_cfg(**kw), num_steps=30)
+    with_ema = make_optimizer(_cfg(ema_decay=0.9, **kw), num_steps=30)
+    grad_fn = jax.jit(lambda p: {"w": quad_grad(p["w"])})
+
+    def run(opt):
+        params = {"w": jnp.asarray([0.2, -0.4, 1.0], jnp.float32)}
+        state = opt.init(params)
+        step = jax.jit(lambda p, s: opt.update(grad_fn(p), s, p, grad_fn=grad_fn))
+        trajectory = [np.asarray(params["w"], np.float64)]
+        for _ in range(30):
+            updates, state = step(params, state)
+            params = optax.apply_updates(params, updates)
+            trajectory.append(np.asarray(params["w"], np.float64))
+        return trajectory, state
+
+    want_w, state_plain = run(plain)
+    got_w, state = run(with_ema)
+    np.testing.assert_array_equal(np.stack(got_w), np.stack(want_w))
+    assert find_ema_params(state_plain) is None
+    ema = want_w[0]
+    for t, w in enumerate(want_w[1:]):
+        d = min(0.9, (1 + t) / (10 + t))
+        ema = d * ema + (1 - d) * w
+    np.testing.assert_allclose(np.asarray(find_ema_params(state)["w"]), ema, rtol=1e-5)
+    assert np.abs(ema - want_w[-1]).max() > 1e-3  # the average is not the last weights
+
+
+def test_ema_decay_out_of_range_is_named():
+    for decay in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="optim.ema_decay"):
+            make_optimizer(_cfg(ema_decay=decay), num_steps=10)

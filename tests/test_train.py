@@ -238,6 +238,24 @@ def test_best_checkpoint_survives_a_new_process(tmp_path):
         ckpt.restore_params(tmp_path, "final")
 
 
+def test_restore_params_picks_the_ema_of_the_weights(tmp_path):
+    """A checkpoint whose optimiser state holds the weights' EMA gives it to inference unless
+    config.inference.use_ema is False; one without gives the parameters either way."""
+    from lidia_jax.train import checkpoint as ckpt
+    from lidia_jax.train import optimizer as optimizer_lib
+
+    params = {"w": np.full(3, 1.0, np.float32)}
+    ema = optimizer_lib.EmaParamsState(np.zeros((), np.int32), {"w": np.full(3, 2.0, np.float32)})
+    for name, opt_state in (("with", ((), ema)), ("without", ((), ()))):
+        manager = ckpt.make_manager(tmp_path / name, keep=1, asynchronous=False)
+        ckpt.save(manager, 7, {"params": params, "opt_state": opt_state}, force=True)
+        manager.close()
+    np.testing.assert_array_equal(ckpt.restore_params(tmp_path / "with", "latest")[0]["w"], 2.0)
+    np.testing.assert_array_equal(
+        ckpt.restore_params(tmp_path / "with", "latest", use_ema=False)[0]["w"], 1.0)
+    np.testing.assert_array_equal(ckpt.restore_params(tmp_path / "without", "latest")[0]["w"], 1.0)
+
+
 def test_nonfinite_batch_is_skipped_and_counted():
     import flax.linen as nn
 
@@ -300,15 +318,16 @@ def _main(workdir, dataset, cache, *extra):
 @pytest.mark.slow
 def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
     """A run preempted by SIGTERM checkpoints and exits; rerun, it resumes and ends with the
-    same parameters as an uninterrupted run."""
+    same parameters, and the same EMA of them (config.optim.ema_decay), as an uninterrupted
+    run."""
     cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    steps = "--config.train.num_steps=6"
-    _main(straight, smoke_dataset, cache, steps)
+    steps = ("--config.train.num_steps=6", "--config.optim.ema_decay=0.9")
+    _main(straight, smoke_dataset, cache, *steps)
 
     cmd = [sys.executable, "-m", "lidia_jax.main", "--config=configs/lidia.py:smoke",
            f"--workdir={resumed}", f"--config.data.root={smoke_dataset}",
-           f"--config.data.cache_dir={cache}", steps]
+           f"--config.data.cache_dir={cache}", *steps]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -321,7 +340,7 @@ def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
     assert "SIGTERM: checkpointed step" in output, output
     assert not (resumed / "test_metrics.json").exists()
 
-    second = _main(resumed, smoke_dataset, cache, steps)
+    second = _main(resumed, smoke_dataset, cache, *steps)
     assert "Resumed from the checkpoint at step" in second.stdout, second.stdout
     assert "Testing the latest checkpoint (step 6)" in second.stdout, second.stdout
     # Written: checkpoints, TensorBoard events, the resolved config, the test report.
@@ -333,10 +352,13 @@ def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
 
     from lidia_jax.train import checkpoint as ckpt
 
-    a, _ = ckpt.restore_params(straight, "latest")
-    b, _ = ckpt.restore_params(resumed, "latest")
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    for use_ema in (True, False):
+        a, _ = ckpt.restore_params(straight, "latest", use_ema)
+        b, _ = ckpt.restore_params(resumed, "latest", use_ema)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    ema, raw = (ckpt.restore_params(straight, "latest", use_ema)[0] for use_ema in (True, False))
+    assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(ema), jax.tree.leaves(raw)))
 
 
 @pytest.mark.slow

@@ -177,7 +177,8 @@ def evaluate_from_workdir(config, workdir, input_dir, output_dir, log=print) -> 
 
     try:
         plan = predict_lib.load_plan(workdir)
-        params, step = ckpt.restore_params(workdir, config.inference.checkpoint)
+        params, step = ckpt.restore_params(workdir, config.inference.checkpoint,
+                                           config.inference.use_ema)
     except FileNotFoundError as e:
         log(f"ERROR {e}")
         return {}

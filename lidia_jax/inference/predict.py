@@ -198,7 +198,8 @@ def predict_from_workdir(config, workdir, inputs, output_dir, log=print) -> int:
 
     try:
         plan = load_plan(workdir)
-        params, step = ckpt.restore_params(workdir, config.inference.checkpoint)
+        params, step = ckpt.restore_params(workdir, config.inference.checkpoint,
+                                           config.inference.use_ema)
     except FileNotFoundError as e:
         log(f"ERROR {e}")
         return 1

@@ -16,6 +16,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from lidia_jax.train import optimizer as optimizer_lib
+
 BEST_METRIC = "auc8"
 
 
@@ -95,11 +97,21 @@ def check_which(which):
         raise ValueError(f"config.inference.checkpoint={which!r}: expected one of {WHICH}")
 
 
-def restore_params(workdir, which="best"):
+def inference_params(params, opt_state, use_ema=True):
+    """The weights inference uses: the EMA of the weights (config.optim.ema_decay > 0) when
+    `use_ema` (config.inference.use_ema) and the optimiser state holds one, else `params`."""
+    ema = optimizer_lib.find_ema_params(opt_state) if use_ema else None
+    if ema is None:
+        return params
+    logging.info("Inference uses the EMA of the weights (config.inference.use_ema).")
+    return ema
+
+
+def restore_params(workdir, which="best", use_ema=True):
     """Parameters of a trained workdir's best (else latest) checkpoint, as host numpy arrays.
 
-    For inference: restores only the `params` subtree, replicated on the default device, whatever
-    mesh wrote it.
+    For inference: the weights `inference_params` picks, replicated on the default device,
+    whatever mesh wrote them.
     """
     check_which(which)
     manager = make_manager(workdir, keep=1_000_000, asynchronous=False)
@@ -118,4 +130,5 @@ def restore_params(workdir, which="best"):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
     manager.close()
-    return restored["state"]["params"], step
+    state = restored["state"]
+    return inference_params(state["params"], state.get("opt_state"), use_ema), step

@@ -1,6 +1,9 @@
 """Optimiser: AdamW (LIDIA, Mask2Former) or nnU-Net's SGD with Nesterov momentum, with gradient
-clipping and a warmup + decay schedule, optionally wrapped in sharpness-aware minimisation (SAM,
-Foret et al. 2021), which LIDIA uses for its final model (paper section 2, Table 3)."""
+clipping and a warmup + decay schedule, optionally an exponential moving average of the weights
+for inference, and optionally wrapped in sharpness-aware minimisation (SAM, Foret et al. 2021),
+which LIDIA uses for its final model (paper section 2, Table 3)."""
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,60 @@ def make_schedule(optim_cfg, num_steps):
         return decay
     return optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+class EmaParamsState(NamedTuple):
+    """State of `ema_params`: count int32 [], ema_params a float32 copy of the params' tree."""
+    count: jax.Array
+    ema_params: Any
+
+
+def ema_params(decay):
+    """An exponential moving average of the weights, for inference (Polyak averaging; not in the
+    paper): the last transformation of the chain, so `params + updates` are the new weights.
+
+    ema <- d ema + (1 - d) (params + updates), d = min(decay, (1 + t) / (10 + t)) at step t (the
+    warm-up of TensorFlow's ExponentialMovingAverage, so the first steps do not keep the initial
+    weights). The updates pass unchanged: training is the same with or without it. Kept in the
+    optimiser's state, so a checkpoint without it restores as before when it is off.
+    """
+    def init_fn(params):
+        return EmaParamsState(count=jnp.zeros((), jnp.int32),
+                              ema_params=jax.tree.map(lambda p: jnp.array(p, jnp.float32), params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema_params needs update(updates, state, params).")
+        t = state.count.astype(jnp.float32)
+        d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        ema = jax.tree.map(lambda e, p, u: d * e + (1.0 - d) * (p + u).astype(jnp.float32),
+                           state.ema_params, params, updates)
+        return updates, EmaParamsState(count=state.count + 1, ema_params=ema)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def find_ema_params(opt_state):
+    """The EMA weights in an optimiser state (`ema_params`), or None when it has none.
+
+    Takes the live state (an EmaParamsState among optax's tuples) or one restored from a
+    checkpoint without a target, where each NamedTuple is a dict of its fields.
+    """
+    if isinstance(opt_state, EmaParamsState):
+        return opt_state.ema_params
+    if isinstance(opt_state, dict):
+        if set(opt_state) == set(EmaParamsState._fields):
+            return opt_state["ema_params"]
+        children = opt_state.values()
+    elif isinstance(opt_state, (tuple, list)):
+        children = opt_state
+    else:
+        return None
+    for child in children:
+        found = find_ema_params(child)
+        if found is not None:
+            return found
+    return None
 
 
 def sam(base, rho, eps=1e-12):
@@ -74,6 +131,7 @@ def make_optimizer(optim_cfg, num_steps):
     chain(clip, add_decayed_weights(weight_decay), sgd(schedule, momentum, nesterov=True)),
     the decay added to the gradient as torch.optim.SGD does. With optim_cfg.sam the base is
     wrapped in `sam` with rho = optim_cfg.sam_rho (clipping then applies to the SAM gradient).
+    With optim_cfg.ema_decay > 0 the base chain ends with `ema_params(ema_decay)`.
     Either way the call is `update(grads, state, params, grad_fn=grad_fn)`;
     without SAM grad_fn is ignored.
 
@@ -97,6 +155,11 @@ def make_optimizer(optim_cfg, num_steps):
         parts += [optax.add_decayed_weights(float(optim_cfg.weight_decay)),
                   optax.sgd(schedule, momentum=float(optim_cfg.get("momentum", 0.99)),
                             nesterov=True)]
+    ema_decay = float(optim_cfg.get("ema_decay", 0.0))
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"config.optim.ema_decay={ema_decay}; expected 0 (off) <= decay < 1.")
+    if ema_decay > 0:
+        parts.append(ema_params(ema_decay))
     base = optax.chain(*parts)
     if optim_cfg.sam:
         return sam(base, float(optim_cfg.sam_rho))

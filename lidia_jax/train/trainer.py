@@ -284,7 +284,9 @@ def train_and_evaluate(config, workdir, log=print):
             evaluate_now = (config.train.eval_every > 0 and step % config.train.eval_every == 0)
             if evaluate_now:
                 eval_metrics = evaluate_lib.evaluate_cache(
-                    model, jax.device_get(state.params), cache, cache.case_names("val"), config,
+                    model, jax.device_get(ckpt.inference_params(
+                        state.params, state.opt_state, config.inference.use_ema)),
+                    cache, cache.case_names("val"), config,
                     max_cases=config.train.eval_max_cases)
                 log(f"step {step} validation: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in eval_metrics.items() if np.isscalar(v)))
@@ -315,9 +317,10 @@ def train_and_evaluate(config, workdir, log=print):
     # --- Final evaluation on the test split with the checkpoint inference uses
     # (config.inference.checkpoint): the final parameters, or the best validation checkpoint's.
     test_cases = cache.case_names("test") or cache.case_names("val")
-    params, test_step = jax.device_get(state.params), step
+    params = ckpt.inference_params(state.params, state.opt_state, config.inference.use_ema)
+    params, test_step = jax.device_get(params), step
     if config.inference.checkpoint == "best" and manager.best_step() not in (None, step):
-        params, test_step = ckpt.restore_params(workdir, "best")
+        params, test_step = ckpt.restore_params(workdir, "best", config.inference.use_ema)
     manager.close()
     log(f"Testing the {config.inference.checkpoint} checkpoint (step {test_step})")
     test_metrics = {}
