@@ -353,6 +353,11 @@ def _demo(c):
   c.optim.weight_decay = 1e-4
   c.optim.warmup_steps = 50
   c.optim.sam = False
+  # Validate, test and predict with the weights' moving average over the last ~1,000 steps: over
+  # three seeds and two test sets (training bit for bit the same), sensitivity never lower (+0.011
+  # on average), Dice higher in five of six (+0.006), the AUCs level; no measurable step cost
+  # (README, "A moving average of the weights").
+  c.optim.ema_decay = 0.999
   c.train.epochs = 1
   c.train.steps_per_epoch = 3400
   c.train.log_every = 25
