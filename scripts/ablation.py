@@ -31,8 +31,9 @@ Rows (paper section 4):
     cross-entropy), where the classes are learned at the CPU budget: t4_early (early fusion
     instead of IFM), t4_no_acl (no contrastive loss), t4_volume (lesion-volume patient score
     instead of LiverMax), t4_focal (the paper's focal class loss instead of cross-entropy: the
-    demo since), t4_sam (+SAM, as the paper), t4_no_delayed (the base tested without the delayed
-    phase).
+    demo since, which from 2026-12-06 also infers with the weights' moving average), t4_sam
+    (+SAM, as the paper), t4_no_delayed (the base tested without the delayed phase).
+  Every row has ema=0 (the weights' last values, as the rows were measured).
 LiverMax changes inference only, so `t3_livermax` is not trained: it evaluates t3_focal's
 checkpoint with the LiverMax patient score (as `delayed` evaluates t3_sam's), which isolates the
 score from training noise and saves a run; so do t4_volume and t4_no_delayed with t3_pooled's.
