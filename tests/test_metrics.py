@@ -7,6 +7,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lidia_jax.evaluation import metrics
+from lidia_jax.evaluation import report
+from lidia_jax.evaluation import targets
 
 NAMES = ("HCC", "ICC", "meta", "heman", "FNH", "cyst", "calc", "others")
 MALIGNANT = ("HCC", "ICC", "meta")
@@ -103,6 +105,36 @@ def test_tiny_cohort_hand_computed():
     assert s["detection_by_class"]["cyst"] == {"true": 3, "matched": 1, "sensitivity": 1 / 3}
     assert s["detection_by_class"]["meta"] == {"true": 0, "matched": 0, "sensitivity": None}
     assert s["detection_by_size_mm"] is None
+
+
+def test_targets_met_and_missed_on_the_tiny_cohort():
+    """The tiny cohort's AUC-8 7/12, AUC-2 0.5, sensitivity 0.4 (a target met at equality) and
+    an AUC-2 left undefined (no benign patient) against minimums, in the report too."""
+    s = metrics.summarize(_tiny_cohort(), NAMES, MALIGNANT, BENIGN)
+    wanted = {"auc8": 0.5, "auc2": 0.9, "lesion_sensitivity": 0.4}
+    got = targets.compare(s, wanted)
+    assert list(got) == ["auc8", "auc2", "lesion_sensitivity"]
+    assert got["auc8"] == {"value": pytest.approx(7 / 12), "target": 0.5, "met": True}
+    assert got["auc2"] == {"value": pytest.approx(0.5), "target": 0.9, "met": False}
+    assert got["lesion_sensitivity"]["met"]
+    assert targets.missed(got) == ["auc2"]
+    assert targets.describe(got) == ("targets met: auc8 0.583 >= 0.50, lesion_sensitivity "
+                                     "0.400 >= 0.40; missed: auc2 0.500 < 0.90")
+    text = report.markdown(dict(s, targets=got))
+    assert "**2 of 3 met**; missed: auc2." in text
+    assert "| auc2 | 0.500 | >= 0.90 | **no** |" in text
+    assert "| auc8 | 0.583 | >= 0.50 | yes |" in text
+    assert "## Targets" not in report.markdown(s)
+
+    no_benign = metrics.summarize(_tiny_cohort()[:1], NAMES, MALIGNANT, BENIGN)
+    assert np.isnan(no_benign["auc2"])
+    got = targets.compare(no_benign, {"auc2": 0.0})
+    assert got["auc2"] == {"value": None, "target": 0.0, "met": False}
+    assert targets.describe(got) == "missed: auc2 n/a < 0.00"
+    with pytest.raises(ValueError, match="unknown metric 'AUC-8'"):
+        targets.compare(s, {"AUC-8": 0.9})
+    with pytest.raises(ValueError, match="expected a finite number"):
+        targets.check_targets({"auc8": float("nan")})
 
 
 def test_detection_by_size_hand_computed():

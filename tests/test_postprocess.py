@@ -152,17 +152,20 @@ def test_min_lesion_volumes_from_the_config():
         diagnose.min_lesion_volumes(config)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("min_lesion_volume_by_class", {"calcification": 1.0}, "calcification"),
-    ("query_weighting", "objectnes", "objectnes")])
-def test_training_rejects_bad_inference_settings_before_any_work(tmp_path, field, value, message):
-    """A misspelt class in min_lesion_volume_by_class, or an unknown query weighting, stops
-    training at once, not at the first validation: nothing is generated or written."""
+@pytest.mark.parametrize("section, field, value, message", [
+    ("inference", "min_lesion_volume_by_class", {"calcification": 1.0}, "calcification"),
+    ("inference", "query_weighting", "objectnes", "objectnes"),
+    ("eval", "targets", {"dice": 0.7}, "unknown metric 'dice'")])
+def test_training_rejects_bad_inference_settings_before_any_work(tmp_path, section, field, value,
+                                                                 message):
+    """A misspelt class in min_lesion_volume_by_class, an unknown query weighting or target
+    metric stops training at once, not at the first validation: nothing is generated or
+    written."""
     from conftest import load_config
     from lidia_jax.train import trainer
 
     config = load_config("smoke")
-    config.inference[field] = value
+    config[section][field] = value
     with pytest.raises(ValueError, match=message):
         trainer.train_and_evaluate(config, tmp_path / "run", log=lambda *_: None)
     assert list((tmp_path / "run").iterdir()) == []

@@ -232,3 +232,8 @@ def test_evaluate_cache_on_the_preprocessed_grid(setup, tmp_path):
                                                         "sensitivity": 0.5}
     assert (tmp_path / "report.md").is_file() and (tmp_path / "overlay_a.png").is_file()
     assert "| 20-30 | 2 | 1 | 0.500 |" in (tmp_path / "report.md").read_text()
+    # The smoke config's target, lesion Dice >= 0.7: met (0.8), in the report and metrics.json.
+    assert summary["targets"] == {"lesion_dice": {"value": pytest.approx(0.8), "target": 0.7,
+                                                  "met": True}}
+    assert "**1 of 1 met**." in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text())["targets"]["lesion_dice"]["met"]

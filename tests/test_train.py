@@ -343,12 +343,16 @@ def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
     second = _main(resumed, smoke_dataset, cache, *steps)
     assert "Resumed from the checkpoint at step" in second.stdout, second.stdout
     assert "Testing the latest checkpoint (step 6)" in second.stdout, second.stdout
+    # The smoke config's target (lesion Dice >= 0.7), missed by 6 steps, in the log and report.
+    assert "validation misses config.eval.targets (missed: lesion_dice" in second.stdout
+    assert "Test missed: lesion_dice" in second.stdout, second.stdout
     # Written: checkpoints, TensorBoard events, the resolved config, the test report.
     assert json.loads((resumed / "config.json").read_text())["model"]["fusion"] == "ifm"
     assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
     assert (resumed / "checkpoints" / "6").is_dir()
     assert (resumed / "test_metrics.json").exists()
-    assert (resumed / "test_report" / "report.md").exists()
+    assert "**0 of 1 met**; missed: lesion_dice." in (
+        resumed / "test_report" / "report.md").read_text()
 
     from lidia_jax.train import checkpoint as ckpt
 

@@ -21,14 +21,19 @@ from lidia_jax.data import contract
 from lidia_jax.data import geometry as geo
 from lidia_jax.evaluation import metrics as metrics_lib
 from lidia_jax.evaluation import report as report_lib
+from lidia_jax.evaluation import targets as targets_lib
 from lidia_jax.inference import diagnose as diagnose_lib
 from lidia_jax.inference import predict as predict_lib
 from lidia_jax.inference import semantic
 
 
 def _summarize(records, config):
-    return metrics_lib.summarize(records, diagnose_lib.lesion_names(config),
-                                 tuple(config.data.malignant), tuple(config.data.benign))
+    """metrics.summarize, with "targets" (targets.compare) where config.eval.targets has any."""
+    summary = metrics_lib.summarize(records, diagnose_lib.lesion_names(config),
+                                    tuple(config.data.malignant), tuple(config.data.benign))
+    if config.eval.get("targets"):
+        summary["targets"] = targets_lib.compare(summary, config.eval.targets)
+    return summary
 
 
 def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
@@ -167,6 +172,8 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
     report_lib.write_report(summary, output_dir, overlays, notes=notes)
     log(f"AUC-8 {summary['auc8']:.4f}, AUC-2 {summary['auc2']:.4f}, lesion Dice "
         f"{summary['lesion_dice']:.4f}; report {output_dir / 'report.md'}")
+    if "targets" in summary:
+        log(targets_lib.describe(summary["targets"]))
     return summary
 
 

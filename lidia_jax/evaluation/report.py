@@ -34,7 +34,9 @@ def markdown(summary: dict, title: str = "LIDIA evaluation",
     lines += [f"- {n}" for n in notes]
     if notes:
         lines.append("")
-    lines += [f"Cases: {summary['num_cases']}.", "", "## Patient-wise diagnosis (AUC)", "",
+    lines += [f"Cases: {summary['num_cases']}.", ""]
+    lines += _targets_table(summary.get("targets"))
+    lines += ["## Patient-wise diagnosis (AUC)", "",
               "| " + " | ".join(names + ["AUC-8", "AUC-2"]) + " |",
               "|" + "---|" * (len(names) + 2),
               "| " + " | ".join([_fmt(summary["auc"][n]) for n in names]
@@ -77,6 +79,20 @@ def markdown(summary: dict, title: str = "LIDIA evaluation",
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _targets_table(comparison: Optional[dict]) -> list:
+    """Markdown lines of the targets (evaluation/targets.compare); none without targets."""
+    if not comparison:
+        return []
+    missed = [n for n, c in comparison.items() if not c["met"]]
+    lines = ["## Targets", "",
+             f"**{len(comparison) - len(missed)} of {len(comparison)} met**"
+             + (f"; missed: {', '.join(missed)}." if missed else "."), "",
+             "| metric | value | target | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(c['value'])} | >= {c['target']:.2f} | "
+              f"{'yes' if c['met'] else '**no**'} |" for name, c in comparison.items()]
+    return lines + [""]
 
 
 def _detection_table(title: str, key: str, rows: Optional[dict]) -> list:

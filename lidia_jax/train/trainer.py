@@ -26,6 +26,7 @@ from lidia_jax.data import pipeline
 from lidia_jax.data import preprocessing
 from lidia_jax.data import synthetic
 from lidia_jax.evaluation import evaluate as evaluate_lib
+from lidia_jax.evaluation import targets as targets_lib
 from lidia_jax.inference import diagnose as diagnose_lib
 from lidia_jax.inference import semantic
 from lidia_jax.model import conv as conv_lib
@@ -194,6 +195,7 @@ def train_and_evaluate(config, workdir, log=print):
     ckpt.check_which(config.inference.checkpoint)
     diagnose_lib.min_lesion_volumes(config)
     semantic.check_settings(config)
+    targets_lib.check_targets(config.eval.get("targets", {}))
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -290,6 +292,10 @@ def train_and_evaluate(config, workdir, log=print):
                     max_cases=config.train.eval_max_cases)
                 log(f"step {step} validation: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in eval_metrics.items() if np.isscalar(v)))
+                if targets_lib.missed(eval_metrics.get("targets", {})):
+                    log(f"step {step} validation misses config.eval.targets ("
+                        f"{targets_lib.describe(eval_metrics['targets'])}): the test report "
+                        "will tell; a run with another --config.seed may do better")
                 if writer is not None:
                     for k, v in eval_metrics.items():
                         if np.isscalar(v) and np.isfinite(v):
@@ -330,6 +336,8 @@ def train_and_evaluate(config, workdir, log=print):
                                                    report_dir=out_dir if is_main else None)
         log("Test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()
                                  if np.isscalar(v)))
+        if "targets" in test_metrics:
+            log("Test " + targets_lib.describe(test_metrics["targets"]))
         if is_main:
             log(f"Report written to {out_dir}")
         if writer is not None:
