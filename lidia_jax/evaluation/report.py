@@ -6,6 +6,7 @@ import pathlib
 from typing import Optional, Sequence
 
 from lidia_jax.evaluation import plots
+from lidia_jax.evaluation import targets as targets_lib
 
 
 def _fmt(x, digits=3):
@@ -85,7 +86,7 @@ def _targets_table(comparison: Optional[dict]) -> list:
     """Markdown lines of the targets (evaluation/targets.compare); none without targets."""
     if not comparison:
         return []
-    missed = [n for n, c in comparison.items() if not c["met"]]
+    missed = targets_lib.missed(comparison)
     lines = ["## Targets", "",
              f"**{len(comparison) - len(missed)} of {len(comparison)} met**"
              + (f"; missed: {', '.join(missed)}." if missed else "."), "",
