@@ -5,6 +5,8 @@ r"""Train, evaluate and predict with LIDIA.
       --mode=evaluate --input=/data/LiverDCE --output=runs/demo/eval
   python -m lidia_jax.main --config=configs/lidia.py:demo --workdir=runs/demo \
       --mode=predict --input=/data/new_cases --output=/data/predictions
+  python -m lidia_jax.main --config=configs/lidia.py:demo --workdir=runs/demo \
+      --ensemble=runs/demo_seed1 --mode=evaluate --input=/data/LiverDCE --output=runs/ens/eval
 
 With `--config.data.root` unset, training generates the synthetic cohort into the workdir.
 Multi-host: set --coordinator_address/--num_processes/--process_id (or the JAX_COORDINATOR_ADDRESS,
@@ -27,6 +29,10 @@ _INPUT = flags.DEFINE_list(
     "input", [], "evaluate: a labelled dataset folder; predict: a dataset folder, or the phase "
     "files of one case (comma separated, named CASE_0000.nii.gz ... as in the data contract).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output folder (evaluate / predict).")
+_ENSEMBLE = flags.DEFINE_list(
+    "ensemble", [], "evaluate / predict: more trained workdirs whose models are averaged with "
+    "--workdir's (as nnU-Net ensembles its folds), e.g. other --config.seed runs of the recipe; "
+    "each must share --workdir's preprocessing plan and model.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with no arguments "
                                  "(auto-detected clusters: Cloud TPU, SLURM, ...).")
@@ -68,9 +74,10 @@ def main(argv):
     from lidia_jax.evaluation import evaluate
 
     if _MODE.value == "predict":
-        return predict.predict_from_workdir(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value)
+        return predict.predict_from_workdir(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value,
+                                            ensemble=_ENSEMBLE.value)
     metrics = evaluate.evaluate_from_workdir(config, _WORKDIR.value, _INPUT.value[0],
-                                             _OUTPUT.value)
+                                             _OUTPUT.value, ensemble=_ENSEMBLE.value)
     return 0 if metrics else 1
 
 

@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,3 +238,64 @@ def test_evaluate_cache_on_the_preprocessed_grid(setup, tmp_path):
                                                   "met": True}}
     assert "**1 of 1 met**." in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "metrics.json").read_text())["targets"]["lesion_dice"]["met"]
+
+
+def _trained_workdir(path, params, plan, model_section):
+    """A workdir as training leaves it, for inference: a checkpoint, plan.json, config.json."""
+    from lidia_jax.train import checkpoint as ckpt
+
+    manager = ckpt.make_manager(path, keep=1, asynchronous=False)
+    ckpt.save(manager, 7, {"params": params})
+    manager.wait_until_finished()
+    manager.close()
+    (path / "plan.json").write_text(json.dumps(plan))
+    (path / "config.json").write_text(json.dumps({"model": model_section}))
+    return path
+
+
+def test_an_ensemble_of_trained_workdirs(setup, tmp_path):
+    """--ensemble: load_models restores every workdir's weights under the first one's plan and
+    refuses a member trained with another preprocessing or model, naming it; an ensemble of a
+    model with itself predicts what the model alone does (the averaging: test_sliding_window)."""
+    cfg, root, plan, model, variables = setup
+    section = cfg.model.to_dict()
+    params = nn.meta.unbox(variables["params"])  # as training saves them
+    halved = jax.tree.map(lambda x: x * 0.5, params)
+    a = _trained_workdir(tmp_path / "a", params, plan, section)
+    b = _trained_workdir(tmp_path / "b", halved, plan, section)
+    logs = []
+    got_plan, members = predict.load_models(cfg, [a, b], logs.append)
+    assert got_plan == plan and len(members) == 2
+    for got, want in zip(jax.tree.leaves(members[1]), jax.tree.leaves(halved)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert logs == [f"using the {cfg.inference.checkpoint} checkpoint (step 7) of {w}"
+                    for w in (a, b)]
+
+    other_plan = json.loads(json.dumps(plan))
+    other_plan["intensity"]["mean"][2] += 1.0
+    bad_plan = _trained_workdir(tmp_path / "bad_plan", params, other_plan, section)
+    bad_model = _trained_workdir(tmp_path / "bad_model", params, plan,
+                                 dict(section, fusion="early"))
+    bad_shape = _trained_workdir(tmp_path / "bad_shape", jax.tree.map(
+        lambda x: np.zeros(np.shape(x)[:-1] + (np.shape(x)[-1] + 1,), x.dtype)
+        if np.ndim(x) else x, params), plan, section)
+    for bad, what in ((bad_plan, "another preprocessing (intensity"),
+                      (bad_model, "another model"), (bad_shape, "another model")):
+        what = "trained with " + what
+        logs = []
+        assert evaluate.evaluate_from_workdir(cfg, a, root, tmp_path / "x", logs.append,
+                                              ensemble=[bad]) == {}
+        assert logs[-1].startswith(f"ERROR {bad}: {what}"), logs[-1]
+        assert predict.predict_from_workdir(cfg, a, root, tmp_path / "y", logs.append,
+                                            ensemble=[bad]) == 1
+
+    single = evaluate.run_evaluate(cfg, variables, model, root, tmp_path / "single", plan,
+                                   log=lambda s: None)
+    logs = []
+    twice = evaluate.evaluate_from_workdir(cfg, a, root, tmp_path / "twice", logs.append,
+                                           ensemble=[a])
+    assert twice and twice["num_cases"] == single["num_cases"] == 1, logs
+    for got, want in zip(twice["per_case"], single["per_case"]):
+        assert got["patient_probabilities"] == pytest.approx(want["patient_probabilities"],
+                                                             abs=1e-5)
+        assert got["predicted_lesions"] == want["predicted_lesions"]

@@ -162,6 +162,40 @@ def test_one_compilation_for_cases_of_different_sizes_and_mirroring_average():
     np.testing.assert_allclose(np.asarray(probs), expected / len(flips), rtol=1e-5, atol=1e-6)
 
 
+def test_an_ensemble_averages_its_members_with_one_compilation():
+    """semantic.bind over a list of variables: the mean of the members' probabilities (numpy
+    softmax per member), the max of their auxiliary evidence, one trace for all members; a
+    one-member list is the member itself."""
+    traces = []
+    rng = np.random.default_rng(6)
+    members = [{"w": jnp.asarray(rng.normal(size=(4, NUM_C)), jnp.float32),
+                "pos": jnp.asarray(rng.normal(size=PATCH + (NUM_C,)), jnp.float32)}
+               for _ in range(3)]
+    toy = _toy_model(traces)
+
+    def predictor(variables, tiles, phase_mask):
+        probs = jax.nn.softmax(toy(variables, tiles, phase_mask)["seg_logits"], -1)
+        return probs, jnp.tile(variables["w"][:1, :3], (tiles.shape[0], 1))
+
+    jitted = jax.jit(predictor)
+    tiles = rng.normal(size=(2,) + PATCH + (4,)).astype(np.float32)
+    mask = np.ones((2, 4), bool)
+    probs, aux = semantic.bind(jitted, members)(tiles, mask)
+    assert len(traces) == 1  # one trace for every member
+    expected = 0
+    for v in members:
+        logits = tiles @ np.asarray(v["w"]) + np.asarray(v["pos"])[None]
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        expected = expected + p / p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(probs), expected / 3, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(aux), np.max([np.tile(np.asarray(v["w"])[:1, :3], (2, 1)) for v in members],
+                                0))
+    single, _ = semantic.bind(jitted, members[:1])(tiles, mask)
+    alone, _ = semantic.bind(jitted, members[0])(tiles, mask)
+    np.testing.assert_array_equal(np.asarray(single), np.asarray(alone))
+
+
 def _resize_linear_np(x, axis, size):
     """Half-pixel-centre linear resize along one axis (PyTorch align_corners=False), clamped."""
     n = x.shape[axis]

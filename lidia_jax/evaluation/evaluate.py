@@ -118,6 +118,7 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
                  log: Callable[[str], None] = print, tile_predictor=None) -> dict:
     """Predicts and scores a labelled dataset folder in the original geometry (see module doc).
 
+    variables: one model's, or a list of several models' (an ensemble: semantic.bind).
     Writes OUTPUT/predictions/CASE_* (as predict), OUTPUT/metrics.json, report.md and figures.
     Returns the metrics summary ({} when no case could be scored).
     """
@@ -177,18 +178,19 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
     return summary
 
 
-def evaluate_from_workdir(config, workdir, input_dir, output_dir, log=print) -> dict:
-    """CLI entry (lidia_jax.main --mode=evaluate): trained workdir -> run_evaluate."""
+def evaluate_from_workdir(config, workdir, input_dir, output_dir, log=print,
+                          ensemble: Sequence[str] = ()) -> dict:
+    """CLI entry (lidia_jax.main --mode=evaluate): trained workdir(s) -> run_evaluate.
+
+    ensemble: more trained workdirs whose models are averaged with workdir's
+    (predict.load_models).
+    """
     from lidia_jax import model as model_lib
-    from lidia_jax.train import checkpoint as ckpt
 
     try:
-        plan = predict_lib.load_plan(workdir)
-        params, step = ckpt.restore_params(workdir, config.inference.checkpoint,
-                                           config.inference.use_ema)
-    except FileNotFoundError as e:
+        plan, variables = predict_lib.load_models(config, [workdir, *ensemble], log)
+    except (FileNotFoundError, ValueError) as e:
         log(f"ERROR {e}")
         return {}
-    log(f"evaluating the {config.inference.checkpoint} checkpoint (step {step}) of {workdir}")
     model = model_lib.build_model(config.model)
-    return run_evaluate(config, {"params": params}, model, input_dir, output_dir, plan, log)
+    return run_evaluate(config, variables, model, input_dir, output_dir, plan, log)

@@ -25,8 +25,9 @@ import json
 import pathlib
 import time
 import traceback
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+import jax
 import numpy as np
 import SimpleITK as sitk
 
@@ -143,8 +144,9 @@ def run_predict(config, variables, model, inputs, output_dir, plan: dict,
                 log: Callable[[str], None] = print, tile_predictor=None) -> int:
     """Predicts every case of `inputs` into `output_dir`. Returns the exit status (0 = all ok).
 
-    variables: model variables ({"params": ...}) or the params tree; plan: the training cache's
-    plan.json (preprocessing settings + intensity statistics).
+    variables: model variables ({"params": ...}) or the params tree, or a list of several
+    models' (an ensemble: semantic.bind); plan: the training cache's plan.json (preprocessing
+    settings + intensity statistics).
     """
     output_dir = pathlib.Path(output_dir)
     try:
@@ -191,18 +193,61 @@ def load_plan(workdir) -> dict:
     return json.loads(path.read_text())
 
 
-def predict_from_workdir(config, workdir, inputs, output_dir, log=print) -> int:
-    """CLI entry (lidia_jax.main --mode=predict): trained workdir -> run_predict."""
+def _model_section(workdir) -> Optional[dict]:
+    path = pathlib.Path(workdir) / "config.json"
+    return json.loads(path.read_text()).get("model") if path.is_file() else None
+
+
+def load_models(config, workdirs: Sequence[PathLike], log: Callable[[str], None] = print):
+    """The preprocessing plan and inference weights of one trained workdir, or of several.
+
+    Several workdirs make an ensemble whose probabilities are averaged (semantic.bind), as
+    nnU-Net ensembles its folds, e.g. the same recipe trained with other --config.seed values.
+    The first workdir's plan preprocesses the cases; every other must have been trained with
+    the same preprocessing (the plan's settings and intensity statistics) and the same model
+    (config.json's model section, the parameters' shapes), else a ValueError names it.
+    Returns (plan, [variables of each workdir]); FileNotFoundError if one has no checkpoint.
+    """
+    from lidia_jax.train import checkpoint as ckpt_lib  # orbax and grain: not for the readers
+
+    plan, members, first_params = None, [], None
+    for workdir in workdirs:
+        this_plan = load_plan(workdir)
+        params, step = ckpt_lib.restore_params(workdir, config.inference.checkpoint,
+                                               config.inference.use_ema)
+        log(f"using the {config.inference.checkpoint} checkpoint (step {step}) of {workdir}")
+        if plan is None:
+            plan, first_params, first_model = this_plan, params, _model_section(workdir)
+        else:
+            for key in ("settings", "intensity"):
+                if this_plan.get(key) != plan.get(key):
+                    raise ValueError(f"{workdir}: trained with another preprocessing ({key} of "
+                                     f"plan.json differ from {workdirs[0]}'s); an ensemble's "
+                                     "models must share one")
+            model = _model_section(workdir)
+            same_shapes = (jax.tree.structure(params) == jax.tree.structure(first_params)
+                           and all(np.shape(a) == np.shape(b) for a, b in zip(
+                               jax.tree.leaves(params), jax.tree.leaves(first_params))))
+            if not same_shapes or (model and first_model and model != first_model):
+                raise ValueError(f"{workdir}: trained with another model than {workdirs[0]}'s ("
+                                 "config.json's model section or the parameters' shapes "
+                                 "differ); an ensemble's models must share one")
+        members.append({"params": params})
+    return plan, members
+
+
+def predict_from_workdir(config, workdir, inputs, output_dir, log=print,
+                         ensemble: Sequence[PathLike] = ()) -> int:
+    """CLI entry (lidia_jax.main --mode=predict): trained workdir(s) -> run_predict.
+
+    ensemble: more trained workdirs whose models are averaged with workdir's (load_models).
+    """
     from lidia_jax import model as model_lib
-    from lidia_jax.train import checkpoint as ckpt
 
     try:
-        plan = load_plan(workdir)
-        params, step = ckpt.restore_params(workdir, config.inference.checkpoint,
-                                           config.inference.use_ema)
-    except FileNotFoundError as e:
+        plan, variables = load_models(config, [workdir, *ensemble], log)
+    except (FileNotFoundError, ValueError) as e:
         log(f"ERROR {e}")
         return 1
-    log(f"predicting with the {config.inference.checkpoint} checkpoint (step {step}) of {workdir}")
     model = model_lib.build_model(config.model)
-    return run_predict(config, {"params": params}, model, inputs, output_dir, plan, log)
+    return run_predict(config, variables, model, inputs, output_dir, plan, log)

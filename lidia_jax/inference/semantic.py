@@ -247,12 +247,30 @@ def model_tile_predictor(model, config) -> Callable:
 
 
 def as_variables(params_or_variables):
-    """Accepts a params tree or a full variables dict {"params": ...}; returns the latter."""
+    """Accepts a params tree or a full variables dict {"params": ...}, or a list of them (an
+    ensemble); returns the latter (or a list of the latter)."""
+    if isinstance(params_or_variables, (list, tuple)):
+        return [as_variables(v) for v in params_or_variables]
     if isinstance(params_or_variables, dict) and "params" in params_or_variables:
         return params_or_variables
     return {"params": params_or_variables}
 
 
 def bind(tile_predictor: Callable, variables) -> Callable:
-    """Closes a tile predictor over variables: (tiles, phase_mask) -> (probs, aux), no retrace."""
-    return lambda tiles, phase_mask: tile_predictor(variables, tiles, phase_mask)
+    """Closes a tile predictor over variables: (tiles, phase_mask) -> (probs, aux), no retrace.
+
+    variables: one model's, or a list of several models' of the same architecture, an ensemble
+    (as nnU-Net averages its folds): their probabilities are averaged and their query evidence
+    maxed, as for mirrored passes; one compilation serves all.
+    """
+    members = list(variables) if isinstance(variables, (list, tuple)) else [variables]
+    if len(members) == 1:
+        return lambda tiles, phase_mask: tile_predictor(members[0], tiles, phase_mask)
+
+    def ensemble(tiles, phase_mask):
+        outputs = [tile_predictor(v, tiles, phase_mask) for v in members]
+        probs = sum(p for p, _ in outputs) / len(outputs)
+        aux = [a for _, a in outputs if a is not None]
+        return probs, (functools.reduce(jnp.maximum, aux) if aux else None)
+
+    return ensemble
