@@ -279,9 +279,9 @@ def test_an_ensemble_of_trained_workdirs(setup, tmp_path):
     bad_shape = _trained_workdir(tmp_path / "bad_shape", jax.tree.map(
         lambda x: np.zeros(np.shape(x)[:-1] + (np.shape(x)[-1] + 1,), x.dtype)
         if np.ndim(x) else x, params), plan, section)
-    for bad, what in ((bad_plan, "another preprocessing (intensity"),
-                      (bad_model, "another model"), (bad_shape, "another model")):
-        what = "trained with " + what
+    for bad, what in ((bad_plan, "trained with another preprocessing (intensity"),
+                      (bad_model, "trained with another model"),
+                      (bad_shape, "trained with another model")):
         logs = []
         assert evaluate.evaluate_from_workdir(cfg, a, root, tmp_path / "x", logs.append,
                                               ensemble=[bad]) == {}
