@@ -225,9 +225,7 @@ def load_models(config, workdirs: Sequence[PathLike], log: Callable[[str], None]
                                      f"plan.json differ from {workdirs[0]}'s); an ensemble's "
                                      "models must share one")
             model = _model_section(workdir)
-            same_shapes = (jax.tree.structure(params) == jax.tree.structure(first_params)
-                           and all(np.shape(a) == np.shape(b) for a, b in zip(
-                               jax.tree.leaves(params), jax.tree.leaves(first_params))))
+            same_shapes = jax.tree.map(np.shape, params) == jax.tree.map(np.shape, first_params)
             if not same_shapes or (model and first_model and model != first_model):
                 raise ValueError(f"{workdir}: trained with another model than {workdirs[0]}'s ("
                                  "config.json's model section or the parameters' shapes "
