@@ -21,6 +21,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lidia_jax import huge_pages
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lidia.py",
                                           "Config file (path[:variant,overrides]).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lidia", "Checkpoints, logs, reports.")
@@ -82,5 +84,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Before jax is imported: restart with glibc's malloc on transparent huge pages (a CPU step
+    # ~20% faster; opt out with GLIBC_TUNABLES= in the environment). lidia_jax/huge_pages.py.
+    huge_pages.reexec_with_huge_pages()
     logging.set_verbosity(logging.WARNING)
     app.run(main)

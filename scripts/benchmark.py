@@ -126,6 +126,8 @@ def environment():
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
+        # glibc's malloc tunables: huge pages make a CPU step ~20% faster (lidia_jax/huge_pages).
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "jax": jax.__version__, "jaxlib": jaxlib.__version__,
         "python": platform.python_version(),
     }
@@ -392,7 +394,8 @@ def markdown(results):
              f"- Command: `{env['command']}`",
              f"- Backend: {env['backend']}; devices: {', '.join(env['devices'])}",
              f"- CPU: {env['cpu_model']} ({env['cpu_count']} logical cores, load average "
-             f"{env['load_average']})",
+             f"{env['load_average']}); GLIBC_TUNABLES "
+             f"{env.get('glibc_tunables') or 'unset'}",
              f"- jax {env['jax']}, jaxlib {env['jaxlib']}, Python {env['python']}",
              f"- Each figure: median of {results['repeats']} runs after {results['warmup']} "
              f"warm-up run(s); peak memory = {mem}.", ""]
@@ -559,4 +562,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from lidia_jax import huge_pages
+
+    huge_pages.reexec_with_huge_pages()  # measure what `python -m lidia_jax.main` runs with
     sys.exit(main())

@@ -361,7 +361,8 @@ def environment():
                 f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
             "backend": jax.default_backend(), "auto_impl": resolve_impl("auto"),
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "machine": platform.processor()
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"), "machine": platform.processor()
             or platform.machine(), "load_avg": os.getloadavg()}
 
 

@@ -328,6 +328,9 @@ def test_benchmark_args_and_markdown(benchmark):
     assert "| smoke | 16x32x32 | 2 | 1,234 | 0.500 | 4.00 | 9.0 | n/a | 2.00 |" in md
     assert "| demo | error: child exited 1: boom |" in md
     assert "Skipped: torch not installed" in md
+    assert "load average [1.0]); GLIBC_TUNABLES unset" in md  # an environment of before 12-06
+    env["glibc_tunables"] = "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES glibc.malloc.hugetlb=1" in benchmark.markdown(results)
     results["unet"] = {"cases": [{"case": "unet", "patch": [16, 32, 32], "batch": 2,
                                   "features": [16, 32], "dtype": "float32",
                                   "times": {"jax_unet_xla": {"median_s": 0.3, "first_s": 20.0},
