@@ -1,10 +1,10 @@
 """Transparent huge pages for the host memory XLA:CPU allocates, by glibc's malloc tunable.
 
 A training step on the CPU allocates and frees its buffers anew every step; glibc hands the large
-ones back to the kernel and takes them again as 4 KiB pages, each a page fault (220 million in
-the 30 min of an earlier demo run, a fifth of its CPU time in the kernel). With
-`glibc.malloc.hugetlb=1`, malloc asks the kernel for 2 MiB transparent huge pages instead
-(madvise): the demo's step went from 0.363 s to 0.296-0.306 s on the 2-core AMD EPYC VM
+ones back to the kernel and takes them again as 4 KiB pages, each a page fault (222 million in
+a 31.5 min demo run, a fifth of its CPU time in the kernel). With `glibc.malloc.hugetlb=1`,
+malloc asks the kernel for 2 MiB transparent huge pages instead (madvise): the demo's step went
+from 0.363-0.367 s to 0.296-0.306 s on the 2-core AMD EPYC VM and that demo run to 24.7 min
 (2026-12-06, `scripts/benchmark.py --only train --configs demo`, README "Huge pages").
 
 glibc reads its tunables once, when the process starts, so the setting needs a fresh process:

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def _thp_mode():
 
 
 needs_glibc = pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and huge_pages.platform.libc_ver()[0] == "glibc"),
+    not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
     reason="glibc's malloc tunables are Linux/glibc only")
 
 
