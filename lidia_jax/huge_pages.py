@@ -22,10 +22,14 @@ import sys
 TUNABLES = "glibc.malloc.hugetlb=1"
 
 
+def on_glibc_linux() -> bool:
+    """True when this process runs on glibc under Linux, where the tunable exists."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def wanted() -> bool:
-    """True when this process runs on glibc under Linux without GLIBC_TUNABLES of its own."""
-    return (sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ
-            and platform.libc_ver()[0] == "glibc")
+    """True on glibc under Linux when the process has no GLIBC_TUNABLES of its own."""
+    return "GLIBC_TUNABLES" not in os.environ and on_glibc_linux()
 
 
 def reexec_with_huge_pages() -> None:

@@ -2,7 +2,6 @@
 
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
@@ -47,9 +46,8 @@ def _thp_mode():
     return text[text.index("[") + 1:text.index("]")]
 
 
-needs_glibc = pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
-    reason="glibc's malloc tunables are Linux/glibc only")
+needs_glibc = pytest.mark.skipif(not huge_pages.on_glibc_linux(),
+                                 reason="glibc's malloc tunables are Linux/glibc only")
 
 
 @needs_glibc
