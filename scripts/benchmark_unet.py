@@ -5,13 +5,16 @@ r"""lidia_jax's U-Net vs nnU-Net's own PyTorch network (PlainConvUNet), same mac
   python scripts/benchmark_unet.py --micro --unet --impls xla planes matmul --repeats 5 \
       --out bench/unet                                 # both; writes bench/unet.{json,md}
   XLA_FLAGS=... python scripts/benchmark_unet.py       # XLA flags apply to the JAX side
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python scripts/benchmark_unet.py  # both on huge pages
   python scripts/benchmark_unet.py --config paper --impls xla   # the paper's plan and patch
       [--dtype bfloat16 --no-full-model]               # JAX bf16 vs torch bf16 autocast
 
 PyTorch runs on CUDA (cuDNN autotuning on, as nnU-Net sets it) when it sees a GPU, else on the
 CPU; JAX on its default backend. Needs the optional `bench` extra (pip install -e .[bench]:
-torch==2.13.0, the CPU build, and dynamic-network-architectures). The tests never import this
-script.
+torch==2.13.0, the CPU build, and dynamic-network-architectures); the tests run only its markdown,
+which needs no torch. Unlike `lidia_jax.main` and `benchmark.py` it does not restart itself with
+malloc on huge pages (lidia_jax/huge_pages.py): set GLIBC_TUNABLES as above to time both sides on
+them; the markdown names the setting.
 
 U-Net case (--unet): the U-Net alone, identical on both sides: 4 input channels, stages
 --features (default 16 32 64 128, the demo config's), 3x3x3 kernels, strides 1,2,2,2 (or the
@@ -387,7 +390,8 @@ def markdown(result):
              f"({env.get('torch_device', 'cpu')}, {env['torch_threads']} threads), "
              f"{env['cpus']} CPUs, "
              f"load average at start {tuple(round(v, 1) for v in env['load_avg'])}, "
-             f"XLA_FLAGS={env['XLA_FLAGS']!r}", ""]
+             f"XLA_FLAGS={env['XLA_FLAGS']!r}, "
+             f"GLIBC_TUNABLES {env.get('GLIBC_TUNABLES') or 'unset'}", ""]
     for case in result["cases"]:
         if case["case"] == "micro":
             lines.append(f"## Micro: two conv-IN-LeakyReLU blocks {case['channels']}, "

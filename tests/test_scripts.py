@@ -344,6 +344,27 @@ def test_benchmark_args_and_markdown(benchmark):
     assert "| 60x90x110 | 27 | 10.00 | 5.94e+04 | 8.00 | 0.5000 | n/a | 1.00 | estimated" in md
 
 
+def test_benchmark_unet_markdown():
+    """benchmark_unet's markdown (no torch needed): its table, and the malloc setting it ran on."""
+    bench_unet = _load_script("benchmark_unet")
+    env = {"jax": "j", "backend": "cpu", "jax_devices": ["cpu"], "auto_impl": "planes",
+           "torch": "t", "torch_device": "cpu", "torch_threads": 2, "cpus": 2,
+           "load_avg": (1.0, 1.0, 1.0), "XLA_FLAGS": "", "GLIBC_TUNABLES": None}
+    case = {"case": "unet", "features": [16, 32], "patch": [32, 64, 64], "batch": 2,
+            "dtype": "float32",
+            "times": {"jax_unet_planes": {"median_s": 1.2, "runs_s": [1.2, 1.3], "first_s": 12.0},
+                      "torch_plainconvunet": {"median_s": 1.3, "runs_s": [1.3], "first_s": 1.0}},
+            "ratio_to_torch": {"jax_unet_planes": 1.2 / 1.3},
+            "best_ratio_to_torch": {"jax_unet_planes": 0.92}}
+    md = bench_unet.markdown({"environment": env, "cases": [case]})
+    assert "| jax_unet_planes | 1.200 | 1.20, 1.30 | 12.0 | 0.92 | 0.92 |" in md
+    assert "| torch_plainconvunet | 1.300 | 1.30 | 1.0 | 1.00 | 1.00 |" in md
+    assert "XLA_FLAGS='', GLIBC_TUNABLES unset" in md
+    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES glibc.malloc.hugetlb=1" in bench_unet.markdown(
+        {"environment": env, "cases": [case]})
+
+
 def test_benchmark_quick_hungarian(benchmark, tmp_path):
     """One real figure end to end (in-process): JSON + markdown with positive times."""
     rc = benchmark.main(["--quick", "--only", "hungarian", "--hungarian-targets", "1", "3",
