@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import host_devices_env, load_config
 from lidia_jax.objective import classification
 from lidia_jax.objective import compute_loss
 from lidia_jax.objective import init_memory
@@ -853,10 +853,8 @@ def test_compute_loss_in_a_sharded_jit():
         assert g["masks"].sharding.spec[1] == "data", g["masks"].sharding
         print("OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = host_devices_env(2)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+from conftest import host_devices_env
 from lidia_jax.matching import hungarian
 
 _batched = jax.jit(jax.vmap(hungarian))
@@ -151,10 +152,8 @@ def test_runs_in_a_sharded_jit(axis_type):
             assert abs(cc[a[vv], np.flatnonzero(vv)].sum() - sub[r, k].sum()) < 1e-5
         print("OK")
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+    env = host_devices_env(4)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", code, axis_type], env=env, cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -2,7 +2,6 @@
 resume, cross-mesh restore, non-finite steps skipped, and the `main` entry point end to end."""
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -13,19 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, load_config
+from conftest import ROOT, host_devices_env as _env, load_config
 from lidia_jax.data.fake_batch import fake_batch
 
 WORKER = pathlib.Path(__file__).with_name("train_worker.py")
-
-
-def _env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _run_worker(out, devices, *args, timeout=600):
@@ -161,6 +151,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_forward_and_loss_on_explicit_mesh_equal_single_device():
     """The model's forward pass, the loss, the memory bank and the parameter gradients with the
     batch split over an Explicit mesh axis (sharding in types) equal the single-device ones, the
@@ -256,6 +247,7 @@ def test_restore_params_picks_the_ema_of_the_weights(tmp_path):
     np.testing.assert_array_equal(ckpt.restore_params(tmp_path / "without", "latest")[0]["w"], 1.0)
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_is_skipped_and_counted():
     import flax.linen as nn
 
@@ -305,10 +297,14 @@ def smoke_dataset(tmp_path_factory):
     return root
 
 
+def _main_cmd(workdir, dataset, cache, *extra):
+    return [sys.executable, "-m", "lidia_jax.main", "--config=configs/lidia.py:smoke",
+            f"--workdir={workdir}", f"--config.data.root={dataset}",
+            f"--config.data.cache_dir={cache}", *extra]
+
+
 def _main(workdir, dataset, cache, *extra):
-    cmd = [sys.executable, "-m", "lidia_jax.main", "--config=configs/lidia.py:smoke",
-           f"--workdir={workdir}", f"--config.data.root={dataset}",
-           f"--config.data.cache_dir={cache}", *extra]
+    cmd = _main_cmd(workdir, dataset, cache, *extra)
     out = subprocess.run(cmd, cwd=ROOT, env=_env(1), timeout=900, capture_output=True,
                          text=True)
     assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr[-5000:]}"
@@ -325,11 +321,9 @@ def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
     steps = ("--config.train.num_steps=6", "--config.optim.ema_decay=0.9")
     _main(straight, smoke_dataset, cache, *steps)
 
-    cmd = [sys.executable, "-m", "lidia_jax.main", "--config=configs/lidia.py:smoke",
-           f"--workdir={resumed}", f"--config.data.root={smoke_dataset}",
-           f"--config.data.cache_dir={cache}", *steps]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(_main_cmd(resumed, smoke_dataset, cache, *steps), cwd=ROOT,
+                            env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -366,17 +360,21 @@ def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, smoke_dataset):
+def test_corrupt_latest_checkpoints_fall_back(tmp_path, smoke_dataset):
+    """The two latest checkpoints unreadable: the rerun sets both aside and resumes from the one
+    before. (Both runs train to the same step: the same program, compiled once.)"""
     workdir = tmp_path / "w"
-    _main(workdir, smoke_dataset, tmp_path / "cache", "--config.train.num_steps=4",
-          "--config.train.checkpoint_every=2")
-    for f in (workdir / "checkpoints" / "4" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 0:
-            f.write_bytes(b"garbage")
-    out = _main(workdir, smoke_dataset, tmp_path / "cache", "--config.train.num_steps=5")
+    steps = ("--config.train.num_steps=5", "--config.train.checkpoint_every=2")
+    _main(workdir, smoke_dataset, tmp_path / "cache", *steps)
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 5]
+    for step in (4, 5):
+        for f in (workdir / "checkpoints" / str(step) / "state").rglob("*"):
+            if f.is_file() and f.stat().st_size > 0:
+                f.write_bytes(b"garbage")
+    out = _main(workdir, smoke_dataset, tmp_path / "cache", *steps)
     assert "Resumed from the checkpoint at step 2" in out.stdout, out.stdout + out.stderr
-    assert "could not be restored" in out.stderr
-    assert list((workdir / "checkpoints_unreadable").iterdir())
+    assert out.stderr.count("could not be restored") == 2, out.stderr
+    assert len(list((workdir / "checkpoints_unreadable").iterdir())) == 2
     assert (workdir / "checkpoints" / "4").is_dir()  # written again by the resumed run
 
 
