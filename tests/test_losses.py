@@ -3,7 +3,6 @@ end-to-end properties of compute_loss."""
 
 import itertools
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import host_devices_env, load_config
+from conftest import ROOT, host_devices_env, load_config
 from lidia_jax.objective import classification
 from lidia_jax.objective import compute_loss
 from lidia_jax.objective import init_memory
@@ -854,8 +853,7 @@ def test_compute_loss_in_a_sharded_jit():
         print("OK")
     """)
     env = host_devices_env(2)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout

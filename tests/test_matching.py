@@ -1,6 +1,5 @@
 """lidia_jax.matching.hungarian against scipy.optimize.linear_sum_assignment."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from conftest import host_devices_env
+from conftest import ROOT, host_devices_env
 from lidia_jax.matching import hungarian
 
 _batched = jax.jit(jax.vmap(hungarian))
@@ -153,8 +152,7 @@ def test_runs_in_a_sharded_jit(axis_type):
         print("OK")
     """)
     env = host_devices_env(4)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code, axis_type], env=env, cwd=root,
+    res = subprocess.run([sys.executable, "-c", code, axis_type], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
