@@ -84,6 +84,8 @@ def test_tiny_cohort_hand_computed():
     # AUC-2: malignant c0 (.8), c2 (.7) vs benign c1 (.75); c3 (no lesion) left out -> 0.5.
     assert s["auc2"] == pytest.approx(0.5)
     assert s["auc2_patients"] == {"malignant": 2, "benign": 1}
+    # Without HCC's patients (c0, c2) no malignant one is left, without cyst's (c0, c1, c2) none.
+    assert s["auc2_without"] == {"HCC": None, "cyst": None}
     # Lesions: true 2 + 1 + 2 = 5, predicted 3 + 1 = 4, matched 2 (c0 HCC, c1 cyst->FNH).
     assert s["lesion_counts"] == {"true": 5, "predicted": 4, "matched": 2, "correct_class": 1}
     assert s["lesion_precision"] == pytest.approx(2 / 4)
@@ -197,6 +199,37 @@ def test_aucs_equal_sklearn_and_mann_whitney_on_random_scores():
         assert aucs[c] == pytest.approx(_mann_whitney(scores[truth[:, c], c],
                                                       scores[~truth[:, c], c]))
     assert np.isnan(aucs[6]) and np.isnan(aucs[7])
+
+
+def test_auc2_without_each_class_equals_sklearn_on_the_patients_left():
+    """auc2_without[c] against roc_auc_score over the patients holding no lesion of c, each
+    patient's malignancy label decided by a naive loop; and its line in the report."""
+    rng = np.random.default_rng(1)
+    empty = _tiny_cohort()[3]
+    records = []
+    for k in range(60):
+        codes = sorted({int(c) for c in rng.integers(2, 10, size=rng.integers(0, 3))})
+        records.append(dict(empty, case=f"p{k}", patient_codes=codes,
+                            malignancy_probability=float(np.round(rng.random(), 1))))
+    s = metrics.summarize(records, NAMES, MALIGNANT, BENIGN)
+    held = sorted({NAMES[c - 2] for r in records for c in r["patient_codes"]}, key=NAMES.index)
+    assert list(s["auc2_without"]) == held
+    for name in held:
+        y, score = [], []
+        for r in records:
+            classes = [NAMES[c - 2] for c in r["patient_codes"]]
+            if name in classes or not classes:
+                continue
+            if any(c in MALIGNANT for c in classes):
+                y.append(1)
+            elif all(c in BENIGN for c in classes):
+                y.append(0)
+            else:
+                continue
+            score.append(r["malignancy_probability"])
+        assert s["auc2_without"][name] == pytest.approx(roc_auc_score(y, score)), name
+    fnh = s["auc2_without"]["FNH"]
+    assert f"FNH {fnh:.3f}" in report.markdown(s)
 
 
 def test_shape_mismatch_is_reported():

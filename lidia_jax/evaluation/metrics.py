@@ -9,7 +9,10 @@ Patient-wise (one-vs-rest over patients, sklearn's roc_auc_score):
   AUC: NaN, reported as null and left out of AUC-8 (= the mean over the classes that have one;
   "auc8_classes" names them). AUC-2: malignancy probability of malignant patients (>= 1
   HCC/ICC/meta lesion) against benign ones (>= 1 lesion, all heman/FNH/cyst/calc); patients with
-  neither (no lesion, or "others" without a malignant lesion) are left out.
+  neither (no lesion, or "others" without a malignant lesion) are left out. "auc2_without"[c]:
+  AUC-2 again over the patients who hold no lesion of class c, for each class c some patient
+  holds (null where one side is left empty): with a few benign patients, one class's
+  ranking can carry AUC-2 (the demo's FNH, README).
 Lesion-wise:
   a predicted lesion detects a true one when their voxel IoU >= config.eval.lesion_iou_threshold;
   predictions and truths are matched one-to-one (Hungarian, scipy) maximising first the number
@@ -143,6 +146,25 @@ def patient_aucs(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:
     return out
 
 
+def malignancy_auc(codes: Sequence[set], scores: Sequence[float], malignant_codes: set,
+                   benign_codes: set):
+    """AUC-2 (module docstring) from each patient's lesion codes and malignancy probability.
+
+    Returns (auc or NaN, labels, scores) over the patients it counts: 1 malignant, 0 benign.
+    """
+    y, s = [], []
+    for cs, score in zip(codes, scores):
+        if cs & malignant_codes:
+            y.append(1)
+        elif cs and cs <= benign_codes:
+            y.append(0)
+        else:
+            continue
+        s.append(score)
+    auc = float(sk_metrics.roc_auc_score(y, s)) if 0 < sum(y) < len(y) else float("nan")
+    return auc, y, s
+
+
 def summarize(records: Sequence[dict], lesion_names: Sequence[str],
               malignant: Sequence[str], benign: Sequence[str]) -> dict:
     """Cohort metrics from case records (see the module docstring for every definition).
@@ -166,18 +188,15 @@ def summarize(records: Sequence[dict], lesion_names: Sequence[str],
     defined = [names[c] for c in range(len(names)) if np.isfinite(aucs[c])]
     auc8 = float(np.nanmean(aucs)) if defined else float("nan")
 
-    mal_y, mal_s = [], []
-    for r in records:
-        codes = set(r["patient_codes"])
-        if codes & malignant_codes:
-            mal_y.append(1)
-        elif codes and codes <= benign_codes:
-            mal_y.append(0)
-        else:
-            continue
-        mal_s.append(r["malignancy_probability"])
-    auc2 = (float(sk_metrics.roc_auc_score(mal_y, mal_s)) if 0 < sum(mal_y) < len(mal_y)
-            else float("nan"))
+    codes = [set(r["patient_codes"]) for r in records]
+    malignancy = [r["malignancy_probability"] for r in records]
+    auc2, mal_y, mal_s = malignancy_auc(codes, malignancy, malignant_codes, benign_codes)
+    auc2_without = {}
+    for c in np.flatnonzero(truth.any(0)):
+        keep = np.flatnonzero(~truth[:, c])
+        auc2_without[names[c]] = _nan_to_none(malignancy_auc(
+            [codes[k] for k in keep], [malignancy[k] for k in keep], malignant_codes,
+            benign_codes)[0])
 
     # Lesion-wise: pooled counts and the confusion matrix (index len(names) = "none").
     none = len(names)
@@ -239,6 +258,7 @@ def summarize(records: Sequence[dict], lesion_names: Sequence[str],
         "auc": {names[c]: _nan_to_none(aucs[c]) for c in range(len(names))},
         "auc8_classes": defined,
         "auc2_patients": {"malignant": int(sum(mal_y)), "benign": int(len(mal_y) - sum(mal_y))},
+        "auc2_without": auc2_without,
         "patients_per_class": {names[c]: int(truth[:, c].sum()) for c in range(len(names))},
         "lesion_counts": {"true": num_gt, "predicted": num_pred, "matched": num_matched,
                           "correct_class": num_correct},

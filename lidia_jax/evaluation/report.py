@@ -28,6 +28,15 @@ def _json_ready(obj):
     return obj
 
 
+def _auc2_without(summary: dict) -> str:
+    """AUC-2 without each class's patients: few benign patients let one class carry AUC-2."""
+    without = summary.get("auc2_without")
+    if not without:
+        return ""
+    return (" Without the patients who hold a class: "
+            + ", ".join(f"{n} {_fmt(v)}" for n, v in without.items()) + ".")
+
+
 def markdown(summary: dict, title: str = "LIDIA evaluation",
              figures: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
     names = list(summary["auc"])
@@ -47,8 +56,8 @@ def markdown(summary: dict, title: str = "LIDIA evaluation",
               f"AUC-8 averages the classes with a defined AUC ({', '.join(summary['auc8_classes']) or 'none'}); "
               "a class absent from every patient or present in all has none (n/a).",
               f"AUC-2: {summary['auc2_patients']['malignant']} malignant vs "
-              f"{summary['auc2_patients']['benign']} benign patients.", "",
-              "## Lesion-wise detection", "",
+              f"{summary['auc2_patients']['benign']} benign patients." + _auc2_without(summary),
+              "", "## Lesion-wise detection", "",
               "| precision | sensitivity | classification accuracy | true | predicted | matched |",
               "|---|---|---|---|---|---|",
               f"| {_fmt(summary['lesion_precision'])} | {_fmt(summary['lesion_sensitivity'])} | "
