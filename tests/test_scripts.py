@@ -113,20 +113,17 @@ def test_ablation_rows_are_valid_configs(ablation):
     assert cls["t3_acl"].cls_loss == "focal" and cls["t3_pooled"].cls_loss == "ce"
     assert cls["t3_ifm"].contrastive == "none" and cls["t3_acl"].contrastive == "acl"
     table4 = {n for n, row in ablation.ROWS.items() if row.table == 4}
-    pooled = {n for n in ablation.ROWS
-              if ablation.row_config("demo", n, "/r").model.pooled_intensity}
+    rows = {n: ablation.row_config("demo", n, "/r") for n in ablation.ROWS}
+    pooled = {n for n, c in rows.items() if c.model.pooled_intensity}
     assert pooled == {"t3_pooled"} | table4  # the paper's rows are the paper's model
-    aux = {n for n in ablation.ROWS
-           if ablation.row_config("demo", n, "/r").model.aux_semantic}
+    aux = {n for n, c in rows.items() if c.model.aux_semantic}
     assert aux == {"t3_pooled"} | table4
     # The demo config is t4_focal's but for the weights' moving average, lesion copy-paste and
     # synthetic calcifications, which no row has (they were measured before them); t3_pooled,
     # Table 4's base, is it with cross-entropy.
-    demo = load_config("demo,ema=0,paste=0,synth_calc=0")
-    focal = ablation.row_config("demo", "t4_focal", "/r")
-    rows = [ablation.row_config("demo", n, "/r") for n in ablation.ROWS]
-    assert {(c.optim.ema_decay, c.input.paste_prob, c.input.synth_calc_prob) for c in rows} == {
-        (0, 0, 0)}
+    demo, focal = load_config("demo,ema=0,paste=0,synth_calc=0"), rows["t4_focal"]
+    assert {(c.optim.ema_decay, c.input.paste_prob, c.input.synth_calc_prob)
+            for c in rows.values()} == {(0, 0, 0)}
     assert focal.model == demo.model and focal.loss == demo.loss and focal.optim == demo.optim
     assert focal.inference == demo.inference and focal.input == demo.input
 
@@ -137,14 +134,14 @@ def test_ablation_rows_are_valid_configs(ablation):
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    base_flat = flat(ablation.row_config("demo", ablation.T4_BASE, "/r").to_dict())
+    base_flat = flat(rows[ablation.T4_BASE].to_dict())
     changed = {"t4_early": {"model.fusion": "early"}, "t4_no_acl": {"loss.contrastive": "none"},
                "t4_volume": {"inference.patient_score": "volume"},
                "t4_focal": {"loss.cls_loss": "focal"}, "t4_sam": {"optim.sam": True},
                "t4_no_delayed": {}}
     assert set(changed) == table4
     for name, want in changed.items():
-        got = flat(ablation.row_config("demo", name, "/r").to_dict())
+        got = flat(rows[name].to_dict())
         assert set(got) == set(base_flat), name
         assert {k: v for k, v in got.items() if v != base_flat[k]} == want, name
 
