@@ -15,6 +15,7 @@ same command on every host.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -87,5 +88,8 @@ if __name__ == "__main__":
     # Before jax is imported: restart with glibc's malloc on transparent huge pages (a CPU step
     # ~20% faster; opt out with GLIBC_TUNABLES= in the environment). lidia_jax/huge_pages.py.
     huge_pages.reexec_with_huge_pages()
+    # Progress lines as they come when the output goes to a pipe or file (`| tee log`), as on a
+    # terminal: Python would otherwise hold them back in 8 KiB blocks.
+    sys.stdout.reconfigure(line_buffering=True)
     logging.set_verbosity(logging.WARNING)
     app.run(main)
