@@ -4,7 +4,7 @@ Usage (big_vision style config strings):
 
   --config=configs/lidia.py                 the paper's setting (section 3)
   --config=configs/lidia.py:smoke           tiny, for tests (seconds per step on a CPU)
-  --config=configs/lidia.py:demo            synthetic cohort, ~23 min on a 2-core CPU
+  --config=configs/lidia.py:demo            synthetic cohort, 23-34 min on a 2-core CPU
   --config=configs/lidia.py:demo,fusion=convlstm
   --config.data.root=/path/to/DATASET       any field, on the command line
 
@@ -288,10 +288,11 @@ def _paper():
 
 
 def _demo(c):
-  """Synthetic cohort: generate, train and evaluate in under 30 min on a 2-core CPU.
+  """Synthetic cohort: generate, train and evaluate in about half an hour on a 2-core CPU
+  (23-26 min on AMD EPYC VMs, 34 min on a slower Intel Xeon VM; README).
 
-  Coarser voxels, a 24x48x48 patch, thin layers and batch 1 keep a training step near a third
-  of a second on two CPU cores (conv_impl "planes"; malloc on huge pages, lidia_jax/huge_pages.py).
+  Coarser voxels, a 24x48x48 patch, thin layers and batch 1 keep a training step at 0.30-0.42 s,
+  by VM, on two CPU cores (conv_impl "planes"; malloc on huge pages, lidia_jax/huge_pages.py).
   SAM is off here because it doubles the step cost at a fixed wall-clock budget (`:demo,sam=1`
   runs the full method); the method is otherwise the paper's LIDIA. What 3,400 steps need and the
   paper's 250,000 do not: lr 2e-3 instead of 1e-5, class-balanced lesion patches, rare lesions
