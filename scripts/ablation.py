@@ -80,6 +80,9 @@ Row = collections.namedtuple("Row", "table label overrides source without_delaye
 # average since 2026-12-06 and trains with lesion copy-paste and synthetic calcifications since
 # 2026-12-07, and the rows were measured without them.
 _OFF = ("ema=0", "paste=0", "synth_calc=0")
+# On the demo base the rows were also measured with the fused phases in four channels (eight since
+# 2026-12-06) and 3,400 steps (3,800 since 2026-12-07); the other bases keep their own.
+_MEASURED_ON = {"demo": ("fusion_features=4", "steps=3400")}
 _T2 = ("head=per_voxel", "patient_score=volume", "sam=0", "contrastive=none", "lr=1e-2",
        "pooled=0", "aux_semantic=0") + _OFF
 # The paper's Mask2Former rows leave out this project's mask-pooled intensity logits and
@@ -153,8 +156,9 @@ def without_delayed(name):
 
 def variant(base, name):
     """The config string of row `name` on variant `base`: "demo,head=per_voxel,..."."""
+    overrides = list(ROWS[name].overrides) + list(_MEASURED_ON.get(base, ()))
     base = "" if base == "paper" else base
-    return ",".join(([base] if base else []) + list(ROWS[name].overrides))
+    return ",".join(([base] if base else []) + overrides)
 
 
 def data_paths(root, data_root=None):

@@ -118,14 +118,17 @@ def test_ablation_rows_are_valid_configs(ablation):
     assert pooled == {"t3_pooled"} | table4  # the paper's rows are the paper's model
     aux = {n for n, c in rows.items() if c.model.aux_semantic}
     assert aux == {"t3_pooled"} | table4
-    # The demo config is t4_focal's but for the weights' moving average, lesion copy-paste and
-    # synthetic calcifications, which no row has (they were measured before them); t3_pooled,
-    # Table 4's base, is it with cross-entropy.
-    demo, focal = load_config("demo,ema=0,paste=0,synth_calc=0"), rows["t4_focal"]
-    assert {(c.optim.ema_decay, c.input.paste_prob, c.input.synth_calc_prob)
-            for c in rows.values()} == {(0, 0, 0)}
+    # The demo config is t4_focal's but for the weights' moving average, lesion copy-paste,
+    # synthetic calcifications, eight fused channels and 3,800 steps, which no row has (they were
+    # measured before them); t3_pooled, Table 4's base, is it with cross-entropy.
+    demo = load_config("demo,ema=0,paste=0,synth_calc=0,fusion_features=4,steps=3400")
+    focal = rows["t4_focal"]
+    assert {(c.optim.ema_decay, c.input.paste_prob, c.input.synth_calc_prob,
+             c.model.fusion_features, c.train.num_steps) for c in rows.values()} == {
+                 (0, 0, 0, 4, 3400)}
     assert focal.model == demo.model and focal.loss == demo.loss and focal.optim == demo.optim
     assert focal.inference == demo.inference and focal.input == demo.input
+    assert focal.train == demo.train
 
     # Table 4: each row's config differs from the base's in the one field it names.
     def flat(d, prefix=""):
