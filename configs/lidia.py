@@ -4,7 +4,7 @@ Usage (big_vision style config strings):
 
   --config=configs/lidia.py                 the paper's setting (section 3)
   --config=configs/lidia.py:smoke           tiny, for tests (seconds per step on a CPU)
-  --config=configs/lidia.py:demo            synthetic cohort, 24 min on a 2-core CPU (README)
+  --config=configs/lidia.py:demo            synthetic cohort, 24-25 min on a 2-core CPU (README)
   --config=configs/lidia.py:demo,fusion=convlstm
   --config.data.root=/path/to/DATASET       any field, on the command line
 
@@ -290,8 +290,8 @@ def _paper():
 
 def _demo(c):
   """Synthetic cohort: generate, train and evaluate in about half an hour on a 2-core CPU
-  (24 min on an AMD EPYC VM; the 3,400 steps of before took 34 min on a slower Intel Xeon VM;
-  README).
+  (24-25 min on an AMD EPYC VM; the 3,400 steps of before took 34 min on a slower Intel Xeon
+  VM; README).
 
   Coarser voxels, a 24x48x48 patch, thin layers and batch 1 keep a training step at 0.30-0.42 s,
   by VM, on two CPU cores (conv_impl "planes"; malloc on huge pages, lidia_jax/huge_pages.py).
@@ -375,8 +375,8 @@ def _demo(c):
   c.train.epochs = 1
   # 3,800 steps (3,400 until 2026-12-07): on the 25 test cases with seeds 0, 1 and 2, sensitivity
   # 0.833, 0.850, 0.883 (3,400: 0.767, 0.783, 0.833) and AUC-8 +0.012 to +0.022, AUC-2 and Dice
-  # met with all three: three targets met in each run (README, "More steps than the half hour
-  # holds").
+  # met with all three: three targets met in each run (README, "3,800 steps, without the final
+  # validation").
   c.train.steps_per_epoch = 3800
   c.train.log_every = 25
   # No validation (until 2026-12-07 one, at the end, for monitoring only): the test takes the
