@@ -81,8 +81,9 @@ Row = collections.namedtuple("Row", "table label overrides source without_delaye
 # 2026-12-07, and the rows were measured without them.
 _OFF = ("ema=0", "paste=0", "synth_calc=0")
 # On the demo base the rows were also measured with the fused phases in four channels (eight since
-# 2026-12-06) and 3,400 steps (3,800 since 2026-12-07); the other bases keep their own.
-_MEASURED_ON = {"demo": ("fusion_features=4", "steps=3400")}
+# 2026-12-06), 3,400 steps (3,800 since 2026-12-07) and the network naming the lesions (the lesion
+# forest since 2026-12-07); the other bases keep their own.
+_MEASURED_ON = {"demo": ("fusion_features=4", "steps=3400", "forest=0")}
 _T2 = ("head=per_voxel", "patient_score=volume", "sam=0", "contrastive=none", "lr=1e-2",
        "pooled=0", "aux_semantic=0") + _OFF
 # The paper's Mask2Former rows leave out this project's mask-pooled intensity logits and

@@ -10,7 +10,9 @@ learns intensity and rim/core patterns can reach on this cohort, and so what a t
 
 Features per lesion and phase (on the preprocessed, z-scored cache; liver = the case's label-1
 voxels): mean, 10th and 90th percentile, core (eroded) mean and rim mean, each minus the liver
-mean, the standard deviation, plus log volume. Absent phases are zero, as in the cache.
+mean, the standard deviation, plus log volume; absent phases are zero, as in the cache
+(`lidia_jax/inference/lesion_forest.py`, whose forest `--config.inference.lesion_forest` puts
+after the network, fits the same forest on the training split alone).
 
   python scripts/oracle_baseline.py --workdir runs/demo     # a workdir that was trained/preprocessed
   python scripts/oracle_baseline.py --cache DIR/preprocessed/FINGERPRINT --out oracle.md
@@ -28,58 +30,18 @@ import datetime
 import json
 import pathlib
 import sys
-from typing import List, Tuple
 
 import ml_collections
 import numpy as np
-import scipy.ndimage as ndi
-from sklearn.ensemble import RandomForestClassifier
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lidia_jax.config_file import load_config  # noqa: E402
 from lidia_jax.data import preprocessing  # noqa: E402
 from lidia_jax.evaluation import metrics  # noqa: E402
+from lidia_jax.inference import lesion_forest  # noqa: E402
+from lidia_jax.inference.lesion_forest import lesion_features  # noqa: E402
 from lidia_jax.train import trainer  # noqa: E402
-
-LIVER = 1
-
-
-def lesion_features(image: np.ndarray, seg: np.ndarray, inst: np.ndarray
-                    ) -> Tuple[List[int], np.ndarray, np.ndarray]:
-    """Per true lesion: (instance ids, label codes [L], features [L, 6 * P + 1]).
-
-    image [D, H, W, P] z-scored; seg, inst [D, H, W].
-    """
-    liver = seg == LIVER
-    ref = image[liver].mean(0) if liver.any() else np.zeros(image.shape[-1], image.dtype)
-    ids, codes, rows = [], [], []
-    for i in np.unique(inst):
-        if i == 0:
-            continue
-        m = inst == i
-        core = ndi.binary_erosion(m)
-        core = core if core.any() else m
-        rim = m & ~core
-        rim = rim if rim.any() else m
-        v = image[m]
-        rows.append(np.concatenate([
-            v.mean(0) - ref, v.std(0), np.percentile(v, 10, axis=0) - ref,
-            np.percentile(v, 90, axis=0) - ref, image[core].mean(0) - ref,
-            image[rim].mean(0) - ref, [np.log(m.sum())]]))
-        ids.append(int(i))
-        codes.append(int(np.bincount(seg[m]).argmax()))
-    width = 6 * image.shape[-1] + 1
-    return ids, np.asarray(codes, int), np.asarray(rows, np.float64).reshape(-1, width)
-
-
-def forest_probabilities(forest, x: np.ndarray, num_lesion_classes: int) -> np.ndarray:
-    """[L, F] features -> [L, 8] probabilities over the lesion codes 2..9 (classes the forest
-    never saw get 0)."""
-    prob = np.zeros((len(x), num_lesion_classes))
-    if len(x):
-        prob[:, forest.classes_.astype(int) - metrics.FIRST_LESION_CODE] = forest.predict_proba(x)
-    return prob
 
 
 def lesion_record(case, gt_seg, gt_inst, gt_classes, pred_seg, pred_inst, pred_ids, prob,
@@ -175,9 +137,8 @@ def main(argv=None):
     if len(np.unique(y_train)) < 2:
         p.error(f"{cache_dir}: the train and val cases hold lesions of "
                 f"{len(np.unique(y_train))} class(es); a classifier needs at least two")
-    forest = RandomForestClassifier(n_estimators=500, random_state=args.seed, n_jobs=-1)
-    forest.fit(x_train, y_train)
-    classify = lambda x: forest_probabilities(forest, x, len(lesions))
+    forest = lesion_forest.fit(x_train, y_train, len(lesions), trees=500, seed=args.seed)
+    classify = forest.probabilities
     iou = cfg.eval.lesion_iou_threshold
     records = []
     for case, seg, inst, ids, codes, x in test:

@@ -189,6 +189,37 @@ def test_geometry_round_trip_with_a_toy_predictor(setup, tmp_path):
         max(np.linalg.norm(pts - p, axis=1).max() for p in pts[::7]), abs=12.0)
 
 
+def test_the_lesion_forest_names_the_written_lesions(setup, tmp_path):
+    """With a lesion forest (inference/lesion_forest.py) the written lesion, its voxels in
+    CASE_seg and the patient probabilities carry the forest's opinion."""
+    cfg, _, plan, model, variables = setup
+    cfg = cfg.copy_and_resolve_references()
+    cfg.inference.lesion_forest_weight = 1.0
+    folder = tmp_path / "in"
+    folder.mkdir()
+    venous = np.zeros(SHAPE, np.float32)
+    venous[2:12, 4:26, 4:22] = 60.0
+    venous[4:10, 8:20, 8:18] = 150.0  # the toy predictor's HCC
+    for ch in range(3):
+        _write(venous, folder / f"toy_{ch:04d}.nii.gz")
+
+    class CystForest:
+        def probabilities(self, features):
+            return np.tile(np.eye(8)[5] * 0.8 + 0.025, (len(features), 1))
+
+    rc = predict.run_predict(cfg, variables, model, folder, tmp_path / "out", plan,
+                             log=lambda s: None, tile_predictor=_toy_tile_predictor,
+                             forest=CystForest())
+    assert rc == 0
+    report = _check_outputs(tmp_path / "out", "toy", folder / "toy_0002.nii.gz")
+    assert [l["class"] for l in report["lesions"]] == ["cyst"]
+    assert report["lesions"][0]["score"] == pytest.approx(0.825)
+    assert report["patient_probabilities"]["cyst"] == pytest.approx(0.825)
+    assert report["patient_probabilities"]["HCC"] == pytest.approx(0.025)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "toy_seg.nii.gz")))
+    assert (seg == 7).any() and not (seg == 2).any()
+
+
 class _FakeCache:
     """The two methods evaluate_cache uses, over in-memory preprocessed cases."""
 

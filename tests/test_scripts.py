@@ -119,13 +119,14 @@ def test_ablation_rows_are_valid_configs(ablation):
     aux = {n for n, c in rows.items() if c.model.aux_semantic}
     assert aux == {"t3_pooled"} | table4
     # The demo config is t4_focal's but for the weights' moving average, lesion copy-paste,
-    # synthetic calcifications, eight fused channels and 3,800 steps, which no row has (they were
-    # measured before them); t3_pooled, Table 4's base, is it with cross-entropy.
-    demo = load_config("demo,ema=0,paste=0,synth_calc=0,fusion_features=4,steps=3400")
+    # synthetic calcifications, eight fused channels, 3,800 steps and the lesion forest, which no
+    # row has (they were measured before them); t3_pooled, Table 4's base, is it with
+    # cross-entropy.
+    demo = load_config("demo,ema=0,paste=0,synth_calc=0,fusion_features=4,steps=3400,forest=0")
     focal = rows["t4_focal"]
     assert {(c.optim.ema_decay, c.input.paste_prob, c.input.synth_calc_prob,
-             c.model.fusion_features, c.train.num_steps) for c in rows.values()} == {
-                 (0, 0, 0, 4, 3400)}
+             c.model.fusion_features, c.train.num_steps, c.inference.lesion_forest)
+            for c in rows.values()} == {(0, 0, 0, 4, 3400, False)}
     assert focal.model == demo.model and focal.loss == demo.loss and focal.optim == demo.optim
     assert focal.inference == demo.inference and focal.input == demo.input
     assert focal.train == demo.train
@@ -389,31 +390,6 @@ def oracle():
     return _load_script("oracle_baseline")
 
 
-def test_oracle_lesion_features_match_a_naive_loop(oracle):
-    """Mean / std / percentiles / core / rim per phase minus the liver mean, and log volume."""
-    rng = np.random.default_rng(0)
-    image = rng.normal(size=(6, 7, 8, 3)).astype(np.float32)
-    seg = np.ones((6, 7, 8), np.uint8)
-    inst = np.zeros((6, 7, 8), np.uint16)
-    seg[1:4, 1:4, 1:4], inst[1:4, 1:4, 1:4] = 5, 3  # a 27-voxel cube: core = its centre voxel
-    seg[4, 5, 6], inst[4, 5, 6] = 7, 8  # one voxel: no erosion core, rim = itself
-    ids, codes, x = oracle.lesion_features(image, seg, inst)
-    assert ids == [3, 8] and codes.tolist() == [5, 7] and x.shape == (2, 6 * 3 + 1)
-    liver = image[seg == 1].mean(0)
-    cube = image[1:4, 1:4, 1:4].reshape(-1, 3)
-    centre = image[2, 2, 2]
-    shell = np.array([image[z, y, w] for z in range(1, 4) for y in range(1, 4)
-                      for w in range(1, 4) if (z, y, w) != (2, 2, 2)])
-    expected = np.concatenate([cube.mean(0) - liver, cube.std(0),
-                               np.percentile(cube, 10, axis=0) - liver,
-                               np.percentile(cube, 90, axis=0) - liver, centre - liver,
-                               shell.mean(0) - liver, [np.log(27)]])
-    np.testing.assert_allclose(x[0], expected, rtol=1e-5, atol=1e-5)
-    one = image[4, 5, 6]
-    np.testing.assert_allclose(x[1, :3], one - liver, atol=1e-6)
-    np.testing.assert_allclose(x[1, 12:18], np.concatenate([one - liver] * 2), atol=1e-6)
-
-
 def test_oracle_baseline_separable_cache(oracle, tmp_path):
     """Classes planted in the arterial intensity: the oracle must score them perfectly."""
     fp = tmp_path / "fp"
@@ -464,11 +440,10 @@ def test_oracle_baseline_separable_cache(oracle, tmp_path):
                                      np.load(fp / c / "inst.npy")) for c in splits["test"]]
     train = [oracle.lesion_features(np.load(fp / c / "image.npy"), np.load(fp / c / "seg.npy"),
                                     np.load(fp / c / "inst.npy")) for c in splits["train"]]
-    forest = oracle.RandomForestClassifier(50, random_state=0).fit(
-        np.concatenate([t[2] for t in train]), np.concatenate([t[1] for t in train]))
+    forest = oracle.lesion_forest.fit(np.concatenate([t[2] for t in train]),
+                                      np.concatenate([t[1] for t in train]), 8, 50, 0)
     cfg = load_config("smoke")
-    rows = oracle.predicted_rows(cfg, tile_fn, cache, test,
-                                 lambda x: oracle.forest_probabilities(forest, x, 8),
+    rows = oracle.predicted_rows(cfg, tile_fn, cache, test, forest.probabilities,
                                  list(cfg.data.labels[2:]), cfg)
     for label, records in rows:
         s = oracle.metrics.summarize(records, cfg.data.labels[2:], cfg.data.malignant,

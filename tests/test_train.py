@@ -319,7 +319,10 @@ def test_main_sigterm_checkpoints_and_resume_is_exact(tmp_path, smoke_dataset):
     cache = tmp_path / "cache"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     steps = ("--config.train.num_steps=6", "--config.optim.ema_decay=0.9")
-    _main(straight, smoke_dataset, cache, *steps)
+    # The lesion forest (inference only; training is the same): stored and fitted at the start.
+    first = _main(straight, smoke_dataset, cache, *steps, "--config.inference.lesion_forest=True",
+                  "--config.inference.lesion_forest_trees=5")
+    assert "lesion forest: " in first.stdout and (straight / "lesion_forest.npz").is_file()
 
     proc = subprocess.Popen(_main_cmd(resumed, smoke_dataset, cache, *steps), cwd=ROOT,
                             env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

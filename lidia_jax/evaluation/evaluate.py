@@ -23,6 +23,7 @@ from lidia_jax.evaluation import metrics as metrics_lib
 from lidia_jax.evaluation import report as report_lib
 from lidia_jax.evaluation import targets as targets_lib
 from lidia_jax.inference import diagnose as diagnose_lib
+from lidia_jax.inference import lesion_forest
 from lidia_jax.inference import predict as predict_lib
 from lidia_jax.inference import semantic
 
@@ -38,7 +39,7 @@ def _summarize(records, config):
 
 def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
                    max_cases: int = -1, report_dir=None, log: Callable[[str], None] = print,
-                   tile_predictor=None) -> dict:
+                   tile_predictor=None, forest=None) -> dict:
     """Metrics of `params` on preprocessed cases (the cache's grid).
 
     Args:
@@ -46,6 +47,7 @@ def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
       cache: data.preprocessing.Cache; case_names: cases to score (unlabelled ones are skipped).
       max_cases: score only the first max_cases cases (<= 0: all).
       report_dir: if given, write metrics.json, report.md and figures there.
+      forest: the lesion forest (inference/lesion_forest.py) or None.
     Returns:
       metrics.summarize dict (scalars auc8, auc2, lesion_* at the top level).
     """
@@ -61,7 +63,7 @@ def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
             continue
         meta = data["meta"]
         diag = diagnose_lib.diagnose_volume(data["image"], meta["phase_mask"], tile_fn,
-                                            meta["spacing"], config)
+                                            meta["spacing"], config, forest)
         gt_classes = {int(k): int(v) for k, v in meta["instance_classes"].items()}
         records.append(metrics_lib.case_record(
             case, np.asarray(data["seg"]), np.asarray(data["inst"]), gt_classes, diag.seg,
@@ -86,7 +88,10 @@ def evaluate_cache(model, params, cache, case_names: Sequence[str], config,
 
 def _scoring_note(config) -> str:
     """The report line that says how patients and lesions were scored."""
-    return (f"Patient score: {config.inference.patient_score}; lesion IoU threshold "
+    inf = config.inference
+    forest = (f", blended {inf.lesion_forest_weight:g} with the lesion forest's, which names the "
+              "lesions" if inf.get("lesion_forest", False) else "")
+    return (f"Patient score: {inf.patient_score}{forest}; lesion IoU threshold "
             f"{config.eval.lesion_iou_threshold}.")
 
 
@@ -115,7 +120,7 @@ def _truth(case_files: contract.CaseFiles):
 
 
 def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
-                 log: Callable[[str], None] = print, tile_predictor=None) -> dict:
+                 log: Callable[[str], None] = print, tile_predictor=None, forest=None) -> dict:
     """Predicts and scores a labelled dataset folder in the original geometry (see module doc).
 
     variables: one model's, or a list of several models' (an ensemble: semantic.bind).
@@ -132,7 +137,8 @@ def run_evaluate(config, variables, model, input_dir, output_dir, plan: dict,
     records, overlays, failed = [], [], {}
     for i, case in enumerate(cases, start=1):
         try:
-            report = predict_lib.predict_case(case, dataset, plan, tile_fn, config, pred_dir)
+            report = predict_lib.predict_case(case, dataset, plan, tile_fn, config, pred_dir,
+                                              forest)
             gt_seg, gt_inst, gt_classes, voxel_mm3 = _truth(case)
             pred_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir
                                                                  / f"{case.name}_seg.nii.gz")))
@@ -189,8 +195,10 @@ def evaluate_from_workdir(config, workdir, input_dir, output_dir, log=print,
 
     try:
         plan, variables = predict_lib.load_models(config, [workdir, *ensemble], log)
+        forest = lesion_forest.load(config, workdir, log)
     except (FileNotFoundError, ValueError) as e:
         log(f"ERROR {e}")
         return {}
     model = model_lib.build_model(config.model)
-    return run_evaluate(config, variables, model, input_dir, output_dir, plan, log)
+    return run_evaluate(config, variables, model, input_dir, output_dir, plan, log,
+                        forest=forest)

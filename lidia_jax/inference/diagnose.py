@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from lidia_jax.inference import lesion_forest
 from lidia_jax.inference import patient_scores
 from lidia_jax.inference import postprocess as postprocess_lib
 from lidia_jax.inference import sliding_window
@@ -57,7 +58,7 @@ def min_lesion_volumes(config) -> np.ndarray:
 
 
 def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Callable,
-                    spacing: Sequence[float], config) -> Diagnosis:
+                    spacing: Sequence[float], config, forest=None) -> Diagnosis:
     """Sliding window + post-processing + patient score for one preprocessed case.
 
     Args:
@@ -66,6 +67,9 @@ def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Call
       tile_fn: bound tile predictor (semantic.bind(model_tile_predictor(...), variables)).
       spacing: (z, y, x) mm of the preprocessed grid.
       config: the full config (input.patch_size, inference.*, data.labels / malignant).
+      forest: a lesion_forest.LesionForest (lesion_forest.load) or None: it names the
+        post-processed lesions and enters the patient scores (config.inference.
+        lesion_forest_weight; see inference/lesion_forest.py).
     """
     inf = config.inference
     t0 = time.perf_counter()
@@ -106,12 +110,37 @@ def diagnose_volume(image: np.ndarray, phase_mask: Sequence[bool], tile_fn: Call
     else:
         raise ValueError(f"config.inference.patient_score={method!r}; expected livermax, "
                          "volume or query_max")
+    seg, lesions = pp.seg, pp.lesions
+    if forest is not None:
+        seg, lesions, per_class, malignancy = _forest_opinion(
+            forest, image, seg, pp.instances, lesions, per_class, malignancy,
+            tuple(lesion.index(n) for n in malignant), inf.lesion_forest_weight)
     t3 = time.perf_counter()
-    return Diagnosis(probs=probs, seg=pp.seg, instances=pp.instances, lesions=pp.lesions,
+    return Diagnosis(probs=probs, seg=seg, instances=pp.instances, lesions=lesions,
                      patient_probabilities=np.asarray(per_class, float),
                      malignancy_probability=float(malignancy),
                      seconds={"sliding_window": t1 - t0, "postprocess": t2 - t1,
                               "patient_score": t3 - t2, "tiles": res.num_tiles})
+
+
+def _forest_opinion(forest, image, seg, instances, lesions, per_class, malignancy,
+                    malignant_columns: Sequence[int], weight: float):
+    """The lesion forest's classes for the post-processed lesions, and the patient scores blended
+    with its lesion-wise maxima (inference/lesion_forest.py). Returns (seg, lesions, per_class,
+    malignancy); seg is relabelled lesion by lesion, instances are unchanged."""
+    ids, _, features = lesion_forest.lesion_features(np.asarray(image), seg, instances)
+    prob = forest.probabilities(features)  # [L, 8]
+    seg, lesions, by_id = seg.copy(), [dict(l) for l in lesions], dict(zip(ids.tolist(), prob))
+    for lesion in lesions:
+        p = by_id[lesion["id"]]
+        code = lesion_forest.FIRST_LESION_CODE + int(p.argmax())
+        if code != lesion["label"]:
+            seg[instances == lesion["id"]] = code
+        lesion.update(label=code, class_probabilities=p, score=float(p.max()))
+    forest_max = prob.max(0) if len(prob) else np.zeros(len(per_class))
+    forest_malignancy = float(prob[:, list(malignant_columns)].sum(1).max()) if len(prob) else 0.0
+    return (seg, lesions, weight * forest_max + (1.0 - weight) * np.asarray(per_class, float),
+            weight * forest_malignancy + (1.0 - weight) * float(malignancy))
 
 
 def instance_classes(lesions: Sequence[dict]) -> dict:

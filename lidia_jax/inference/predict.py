@@ -35,6 +35,7 @@ from lidia_jax.data import contract
 from lidia_jax.data import geometry as geo
 from lidia_jax.data import preprocessing
 from lidia_jax.inference import diagnose as diagnose_lib
+from lidia_jax.inference import lesion_forest
 from lidia_jax.inference import postprocess as postprocess_lib
 from lidia_jax.inference import semantic
 
@@ -97,8 +98,9 @@ def _renumber(instances: np.ndarray, seg_lesions: list, present: set):
 
 
 def predict_case(case_files: contract.CaseFiles, dataset, plan: dict, tile_fn: Callable,
-                 config, output_dir: pathlib.Path) -> dict:
-    """Predicts one case and writes its three files; returns the CASE.json content."""
+                 config, output_dir: pathlib.Path, forest=None) -> dict:
+    """Predicts one case and writes its three files; returns the CASE.json content (forest: the
+    lesion forest, inference/lesion_forest.py, or None)."""
     settings = plan["settings"]
     loaded = contract.load_case(case_files, dataset, settings.get("allow_missing_phases", False),
                                 settings.get("drop_delayed", False))
@@ -106,7 +108,7 @@ def predict_case(case_files: contract.CaseFiles, dataset, plan: dict, tile_fn: C
     del loaded
     geometry = meta["geometry"]
     diag = diagnose_lib.diagnose_volume(image, meta["phase_mask"], tile_fn, meta["spacing"],
-                                        config)
+                                        config, forest)
     del image
     names = diagnose_lib.label_names(config)
     seg = sitk.GetArrayFromImage(geo.to_original(diag.seg, geometry, is_label=True))
@@ -141,7 +143,7 @@ def predict_case(case_files: contract.CaseFiles, dataset, plan: dict, tile_fn: C
 
 
 def run_predict(config, variables, model, inputs, output_dir, plan: dict,
-                log: Callable[[str], None] = print, tile_predictor=None) -> int:
+                log: Callable[[str], None] = print, tile_predictor=None, forest=None) -> int:
     """Predicts every case of `inputs` into `output_dir`. Returns the exit status (0 = all ok).
 
     variables: model variables ({"params": ...}) or the params tree, or a list of several
@@ -166,7 +168,7 @@ def run_predict(config, variables, model, inputs, output_dir, plan: dict,
             continue
         t0 = time.perf_counter()
         try:
-            report = predict_case(case, dataset, plan, tile_fn, config, output_dir)
+            report = predict_case(case, dataset, plan, tile_fn, config, output_dir, forest)
         except contract.CaseError as e:
             failed[case.name] = str(e)
             log(f"{head} {case.name}: FAILED {e.file}: {e.message}")
@@ -244,8 +246,9 @@ def predict_from_workdir(config, workdir, inputs, output_dir, log=print,
 
     try:
         plan, variables = load_models(config, [workdir, *ensemble], log)
+        forest = lesion_forest.load(config, workdir, log)
     except (FileNotFoundError, ValueError) as e:
         log(f"ERROR {e}")
         return 1
     model = model_lib.build_model(config.model)
-    return run_predict(config, variables, model, inputs, output_dir, plan, log)
+    return run_predict(config, variables, model, inputs, output_dir, plan, log, forest=forest)

@@ -28,6 +28,7 @@ from lidia_jax.data import synthetic
 from lidia_jax.evaluation import evaluate as evaluate_lib
 from lidia_jax.evaluation import targets as targets_lib
 from lidia_jax.inference import diagnose as diagnose_lib
+from lidia_jax.inference import lesion_forest
 from lidia_jax.inference import semantic
 from lidia_jax.model import conv as conv_lib
 from lidia_jax.train import checkpoint as ckpt
@@ -203,6 +204,12 @@ def train_and_evaluate(config, workdir, log=print):
     cache = prepare_data(config, workdir, log)
     log(f"Data: {len(cache.case_names('train'))} train / {len(cache.case_names('val'))} val / "
         f"{len(cache.case_names('test'))} test cases, cache {cache.path}")
+    # The lesion forest's training set: the training split's true lesions (seconds).
+    if config.inference.lesion_forest:
+        if is_main:
+            lesion_forest.save(workdir, *lesion_forest.training_set(cache))
+        multihost_utils.sync_global_devices("lidia_jax:lesion_forest")
+    forest = lesion_forest.load(config, workdir, log)
 
     # --- Mesh, model, optimiser, and the state initialised straight into its shardings.
     mesh = sharding_lib.make_mesh(config.train.mesh_axes)
@@ -289,7 +296,7 @@ def train_and_evaluate(config, workdir, log=print):
                     model, jax.device_get(ckpt.inference_params(
                         state.params, state.opt_state, config.inference.use_ema)),
                     cache, cache.case_names("val"), config,
-                    max_cases=config.train.eval_max_cases)
+                    max_cases=config.train.eval_max_cases, forest=forest)
                 log(f"step {step} validation: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in eval_metrics.items() if np.isscalar(v)))
                 if targets_lib.missed(eval_metrics.get("targets", {})):
@@ -333,7 +340,8 @@ def train_and_evaluate(config, workdir, log=print):
     if test_cases:
         out_dir = workdir / "test_report"
         test_metrics = evaluate_lib.evaluate_cache(model, params, cache, test_cases, config,
-                                                   report_dir=out_dir if is_main else None)
+                                                   report_dir=out_dir if is_main else None,
+                                                   forest=forest)
         log("Test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items()
                                  if np.isscalar(v)))
         if "targets" in test_metrics:
