@@ -4,7 +4,7 @@ Usage (big_vision style config strings):
 
   --config=configs/lidia.py                 the paper's setting (section 3)
   --config=configs/lidia.py:smoke           tiny, for tests (seconds per step on a CPU)
-  --config=configs/lidia.py:demo            synthetic cohort, 24-25 min on a 2-core CPU (README)
+  --config=configs/lidia.py:demo            synthetic cohort, 24-27 min on a 2-core CPU (README)
   --config=configs/lidia.py:demo,fusion=convlstm
   --config.data.root=/path/to/DATASET       any field, on the command line
 
@@ -297,7 +297,7 @@ def _paper():
 
 def _demo(c):
   """Synthetic cohort: generate, train and evaluate in about half an hour on a 2-core CPU
-  (24-25 min on an AMD EPYC VM; the 3,400 steps of before took 34 min on a slower Intel Xeon
+  (24-27 min on an AMD EPYC VM; the 3,400 steps of before took 34 min on a slower Intel Xeon
   VM; README).
 
   Coarser voxels, a 24x48x48 patch, thin layers and batch 1 keep a training step at 0.30-0.42 s,
