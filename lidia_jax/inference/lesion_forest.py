@@ -21,7 +21,7 @@ classes' summed probability: LiverMax keeps the voxel evidence of lesions too sm
 post-processing (calcifications of a few voxels).
 
 The forest's training set is stored in the workdir (lesion_forest.npz: features and label codes,
-a few KB) and the forest refitted from it when loaded: deterministic for a seed, and no pickle.
+tens of KB) and the forest refitted from it when loaded: deterministic for a seed, and no pickle.
 """
 
 import dataclasses
