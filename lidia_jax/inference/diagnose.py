@@ -130,13 +130,15 @@ def _forest_opinion(forest, image, seg, instances, lesions, per_class, malignanc
     malignancy); seg is relabelled lesion by lesion, instances are unchanged."""
     ids, _, features = lesion_forest.lesion_features(np.asarray(image), seg, instances)
     prob = forest.probabilities(features)  # [L, 8]
-    seg, lesions, by_id = seg.copy(), [dict(l) for l in lesions], dict(zip(ids.tolist(), prob))
+    lesions, by_id = [dict(l) for l in lesions], dict(zip(ids.tolist(), prob))
+    code_of = np.zeros(int(instances.max(initial=0)) + 1, seg.dtype)  # instance id -> label code
     for lesion in lesions:
         p = by_id[lesion["id"]]
-        code = lesion_forest.FIRST_LESION_CODE + int(p.argmax())
-        if code != lesion["label"]:
-            seg[instances == lesion["id"]] = code
-        lesion.update(label=code, class_probabilities=p, score=float(p.max()))
+        code_of[lesion["id"]] = lesion_forest.FIRST_LESION_CODE + int(p.argmax())
+        lesion.update(label=int(code_of[lesion["id"]]), class_probabilities=p,
+                      score=float(p.max()))
+    # Post-processing gave each instance's voxels one code: relabel them all in one pass.
+    seg = np.where(instances > 0, code_of[instances], seg)
     forest_max = prob.max(0) if len(prob) else np.zeros(len(per_class))
     forest_malignancy = float(prob[:, list(malignant_columns)].sum(1).max()) if len(prob) else 0.0
     return (seg, lesions, weight * forest_max + (1.0 - weight) * np.asarray(per_class, float),

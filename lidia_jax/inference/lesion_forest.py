@@ -31,8 +31,9 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import scipy.ndimage as ndi
 
+from lidia_jax.data.contract import FIRST_LESION_CODE
+
 LIVER_CODE = 1
-FIRST_LESION_CODE = 2
 FILE = "lesion_forest.npz"
 
 
