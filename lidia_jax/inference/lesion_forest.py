@@ -150,10 +150,11 @@ def load(config, workdir, log: Callable[[str], None] = print) -> Optional[Lesion
     if not inf.get("lesion_forest", False):
         return None
     path = pathlib.Path(workdir) / FILE
-    width = feature_width(len(PHASES))
-    problem = ("missing" if not path.is_file() else None
-               if np.load(path)["features"].shape[1] == width else
-               f"holds features of an earlier version (not {width} per lesion)")
+    width, problem = feature_width(len(PHASES)), None
+    if not path.is_file():
+        problem = "missing"
+    elif np.load(path)["features"].shape[1] != width:
+        problem = f"holds features of an earlier version (not {width} per lesion)"
     if problem:
         from lidia_jax.data import preprocessing  # only for workdirs of earlier versions
         from lidia_jax.train import trainer
