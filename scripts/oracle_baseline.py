@@ -8,11 +8,11 @@ records go through the project's own `evaluation.metrics`, so AUC-8, AUC-2 and t
 accuracy are the same definitions the model is scored with. The result bounds what a model that
 learns intensity and rim/core patterns can reach on this cohort, and so what a target is worth.
 
-Features per lesion and phase (on the preprocessed, z-scored cache; liver = the case's label-1
-voxels): mean, 10th and 90th percentile, core (eroded) mean and rim mean, each minus the liver
-mean, the standard deviation, plus log volume; absent phases are zero, as in the cache
-(`lidia_jax/inference/lesion_forest.py`, whose forest `--config.inference.lesion_forest` puts
-after the network, fits the same forest on the training split alone).
+Features per lesion: those of `lidia_jax/inference/lesion_forest.py` (per phase on the
+preprocessed, z-scored cache, liver-relative: mean, 10th and 90th percentile, core and rim mean,
+standard deviation, the core's and rim's phase-to-phase changes, rim minus core; log volume;
+absent phases are zero, as in the cache), whose forest `--config.inference.lesion_forest` puts
+after the network, fitted on the training split alone.
 
   python scripts/oracle_baseline.py --workdir runs/demo     # a workdir that was trained/preprocessed
   python scripts/oracle_baseline.py --cache DIR/preprocessed/FINGERPRINT --out oracle.md
@@ -40,7 +40,6 @@ from lidia_jax.config_file import load_config  # noqa: E402
 from lidia_jax.data import preprocessing  # noqa: E402
 from lidia_jax.evaluation import metrics  # noqa: E402
 from lidia_jax.inference import lesion_forest  # noqa: E402
-from lidia_jax.inference.lesion_forest import lesion_features  # noqa: E402
 from lidia_jax.train import trainer  # noqa: E402
 
 
@@ -89,7 +88,7 @@ def predicted_rows(run, tile_fn, cache, test, classify, lesions, cfg):
         patient_codes = meta.get("patient_classes")
         # Predicted lesions on the predicted liver: the features' reference is the model's liver.
         pred_seg = np.where(diag.instances > 0, metrics.FIRST_LESION_CODE, diag.seg)
-        ids, _, x = lesion_features(data["image"], pred_seg, diag.instances)
+        ids, _, x = lesion_forest.lesion_features(data["image"], pred_seg, diag.instances)
         forest_records.append(lesion_record(*gt, diag.seg, diag.instances, ids, classify(x),
                                             cfg.data.malignant, lesions, iou, patient_codes))
         model_records.append(metrics.case_record(
@@ -126,8 +125,8 @@ def main(argv=None):
         for case in cache.case_names(name):
             d = cache.load(case, mmap=False)
             if d["seg"] is not None:
-                out.append((case, d["seg"], d["inst"]) + lesion_features(d["image"], d["seg"],
-                                                                          d["inst"]))
+                out.append((case, d["seg"], d["inst"])
+                           + lesion_forest.lesion_features(d["image"], d["seg"], d["inst"]))
         return out
 
     train = split("train") + split("val")

@@ -435,11 +435,12 @@ def test_oracle_baseline_separable_cache(oracle, tmp_path):
         return np.eye(10, dtype=np.float32)[code.astype(int)], None
 
     cache = oracle.preprocessing.Cache(fp)
+    features = oracle.lesion_forest.lesion_features
     test = [(c, np.load(fp / c / "seg.npy"), np.load(fp / c / "inst.npy"))
-            + oracle.lesion_features(np.load(fp / c / "image.npy"), np.load(fp / c / "seg.npy"),
-                                     np.load(fp / c / "inst.npy")) for c in splits["test"]]
-    train = [oracle.lesion_features(np.load(fp / c / "image.npy"), np.load(fp / c / "seg.npy"),
-                                    np.load(fp / c / "inst.npy")) for c in splits["train"]]
+            + features(np.load(fp / c / "image.npy"), np.load(fp / c / "seg.npy"),
+                       np.load(fp / c / "inst.npy")) for c in splits["test"]]
+    train = [features(np.load(fp / c / "image.npy"), np.load(fp / c / "seg.npy"),
+                      np.load(fp / c / "inst.npy")) for c in splits["train"]]
     forest = oracle.lesion_forest.fit(np.concatenate([t[2] for t in train]),
                                       np.concatenate([t[1] for t in train]), 8, 50, 0)
     cfg = load_config("smoke")

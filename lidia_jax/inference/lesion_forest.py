@@ -151,9 +151,10 @@ def load(config, workdir, log: Callable[[str], None] = print) -> Optional[Lesion
         return None
     path = pathlib.Path(workdir) / FILE
     width, problem = feature_width(len(PHASES)), None
-    if not path.is_file():
+    data = np.load(path) if path.is_file() else None
+    if data is None:
         problem = "missing"
-    elif np.load(path)["features"].shape[1] != width:
+    elif data["features"].shape[1] != width:
         problem = f"holds features of an earlier version (not {width} per lesion)"
     if problem:
         from lidia_jax.data import preprocessing  # only for workdirs of earlier versions
@@ -166,7 +167,7 @@ def load(config, workdir, log: Callable[[str], None] = print) -> Optional[Lesion
                                     "config.inference.lesion_forest off")
         save(workdir, *training_set(preprocessing.Cache(cache_dir)))
         log(f"lesion forest: {path} {problem}; training set written from {cache_dir}")
-    data = np.load(path)
+        data = np.load(path)
     if len(np.unique(data["codes"])) < 2:  # e.g. a tiny cohort: no forest, say so
         log(f"lesion forest: the training lesions in {path} hold "
             f"{len(np.unique(data['codes']))} class(es); the network names the lesions")
